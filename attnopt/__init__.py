@@ -1,0 +1,11 @@
+"""attnopt: a graph-rewriting torch.compile backend for transformer inference.
+
+    model = torch.compile(model, backend="attnopt")            # nothing to import
+    attnopt.reports()[-1].diff()                               # what was rewritten, and why not
+"""
+
+from attnopt.compiler.options import Options
+from attnopt.compiler.report import CompileReport, PassRecord, clear_reports, reports
+
+__all__ = ["CompileReport", "Options", "PassRecord", "clear_reports", "reports"]
+__version__ = "0.1.0"

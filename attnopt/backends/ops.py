@@ -1,0 +1,108 @@
+"""The attnopt:: op library: what rewritten graphs call.
+
+Each op has a schema (inferred from the type hints), a fake implementation for tracing, a
+reference implementation (`backends/reference.py`), a CPU path, a Triton path and an autograd
+formula. Which path runs is the `impl` argument, which the passes set from the `kernels` option
+so the choice is visible in the graph and in the report:
+
+- "auto": Triton on CUDA tensors, the CPU path (ATen kernels) otherwise;
+- "triton": always Triton (on CPU tensors only under TRITON_INTERPRET=1, as in tests);
+- "reference": plain PyTorch, the ground truth.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from attnopt.backends import reference
+from attnopt.backends.triton import HAVE_TRITON, interpreting
+
+IMPLS = ("auto", "triton", "reference")
+
+
+def triton_usable(device: torch.device) -> str | None:
+    """None if Triton kernels can run on `device`, else the reason they cannot."""
+    if not HAVE_TRITON:
+        return "triton is not installed (pip install triton; Linux only)"
+    if device.type == "cuda" or interpreting():
+        return None
+    return (
+        f"Triton kernels need CUDA tensors, got {device.type}; set TRITON_INTERPRET=1 before "
+        "importing triton to run them on CPU (slow, for tests)"
+    )
+
+
+def _use_triton(impl: str, x: Tensor) -> bool:
+    if impl not in IMPLS:
+        raise ValueError(f"impl={impl!r} is not one of {IMPLS}")
+    if impl == "reference":
+        return False
+    reason = triton_usable(x.device)
+    if impl == "triton" and reason:
+        raise RuntimeError(f"attnopt: impl='triton' cannot run: {reason}")
+    return impl == "triton" or (x.is_cuda and reason is None)
+
+
+# --- softmax ---------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("attnopt::softmax", mutates_args=())
+def softmax(
+    x: Tensor,
+    dim: int,
+    scale: float,
+    bias: Tensor | None,
+    mask: Tensor | None,
+    fill: float,
+    keep_mask: bool = False,
+    safe: bool = False,
+    dtype: torch.dtype | None = None,
+    impl: str = "auto",
+) -> Tensor:
+    """softmax(where(mask, fill, x * scale + bias), dim) in fp32; see `reference.softmax`."""
+    out_dtype = dtype or x.dtype
+    if x.dim() > 0 and _use_triton(impl, x):
+        from attnopt.backends.triton import softmax as kernel
+
+        return kernel.softmax(x, dim, scale, bias, mask, fill, keep_mask, safe, out_dtype)
+    # CPU path: ATen's vectorised softmax after the fused pre-ops; identical to the reference.
+    return reference.softmax(x, dim, scale, bias, mask, fill, keep_mask, safe, out_dtype)
+
+
+@softmax.register_fake
+def _(x, dim, scale, bias, mask, fill, keep_mask=False, safe=False, dtype=None, impl="auto"):
+    return x.new_empty(x.shape, dtype=dtype or x.dtype)
+
+
+def _softmax_setup(ctx, inputs, output):
+    x, dim, scale, bias, mask, _fill, keep_mask, *_ = inputs
+    ctx.save_for_backward(output, bias, mask)
+    ctx.dim, ctx.scale, ctx.keep_mask = dim, scale, keep_mask
+    ctx.x_dtype = x.dtype
+
+
+def _softmax_backward(ctx, grad):
+    # y = softmax(s): ds = y * (g - sum(g * y)); ds/dx = scale; ds/dbias = 1 (summed to its shape);
+    # masked positions take a constant fill, so no gradient flows there.
+    y, bias, mask = ctx.saved_tensors
+    yf, gf = y.float(), grad.float()
+    ds = yf * (gf - (gf * yf).sum(ctx.dim, keepdim=True))
+    if mask is not None:
+        ds = ds.masked_fill(~mask if ctx.keep_mask else mask, 0.0)
+    dx = (ds * ctx.scale).to(ctx.x_dtype)
+    dbias = None
+    if bias is not None and bias.requires_grad:
+        dbias = _sum_to_shape(ds, bias.shape).to(bias.dtype)
+    return dx, None, None, dbias, None, None, None, None, None, None
+
+
+def _sum_to_shape(t: Tensor, shape: torch.Size) -> Tensor:
+    """Reduce a broadcast result back to `shape` (the gradient of a broadcast)."""
+    lead = t.dim() - len(shape)
+    t = t.sum(dim=tuple(range(lead))) if lead else t
+    dims = tuple(i for i, n in enumerate(shape) if n == 1 and t.shape[i] != 1)
+    return t.sum(dim=dims, keepdim=True) if dims else t
+
+
+softmax.register_autograd(_softmax_backward, setup_context=_softmax_setup)

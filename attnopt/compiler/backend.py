@@ -1,0 +1,147 @@
+"""The torch.compile backend: `torch.compile(model, backend="attnopt", options={...})`.
+
+Registered only through the `torch_dynamo_backends` entry point (pyproject.toml), so importing
+attnopt never collides with that registration.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Mapping
+from typing import Any
+from unittest import mock
+
+import torch
+import torch.fx as fx
+from functorch.compile import make_boxed_func
+from torch._guards import detect_fake_mode
+from torch.utils._pytree import tree_flatten
+
+from attnopt.backends.ops import triton_usable
+from attnopt.compiler.capture import capture
+from attnopt.compiler.options import Options
+from attnopt.compiler.pipeline import run_pipeline
+from attnopt.compiler.report import CompileReport, add_report, next_graph_id
+from attnopt.passes import PIPELINE
+
+
+class VerificationError(AssertionError):
+    """The rewritten graph gave different results from the original (options verify+strict)."""
+
+
+def attnopt_backend(
+    gm: fx.GraphModule,
+    example_inputs: list,
+    options: Mapping[str, Any] | Options | None = None,
+    mode: str | None = None,
+) -> Callable:
+    """Rewrite the graph Dynamo captured and hand it to the inner compiler.
+
+    `mode` is accepted for torch.compile compatibility and passed to nothing: attnopt has no
+    modes; use `options`.
+    """
+    opts = Options.parse(options)
+    _check_kernels(opts, example_inputs)
+    report = CompileReport(graph_id=next_graph_id(), passes=[], options=opts.as_dict(),
+                           inner=opts.inner)
+    if opts.quantize:
+        report.notes.append(f"quantize={opts.quantize!r} was requested, but this version has no "
+                            "quantization pass yet: linear layers are left as they are")
+    passes = [p for p in PIPELINE if opts.passes is None or p.name in opts.passes]
+
+    def compile_forward(aten: fx.GraphModule, args: list, training: bool, frozen: int) -> Callable:
+        report.training, report.frozen_weights = training, frozen
+        report.passes = run_pipeline(aten, passes, opts, training=training, frozen=frozen > 0)
+        return _inner_compile(aten, args, opts.inner, is_backward=False, inference=not training)
+
+    def compile_backward(aten: fx.GraphModule, args: list) -> Callable:
+        return _inner_compile(aten, args, opts.inner, is_backward=True, inference=False)
+
+    compiled = capture(gm, example_inputs, compile_forward, compile_backward)
+    if opts.verify:
+        compiled = _verify(gm, compiled, example_inputs, report, opts.strict)
+    add_report(report)
+    if opts.report_dir:
+        report.write(opts.report_dir)
+    return compiled
+
+
+def _check_kernels(opts: Options, example_inputs: list) -> None:
+    if opts.kernels != "triton":
+        return
+    for t in example_inputs:
+        if isinstance(t, torch.Tensor):
+            reason = triton_usable(t.device)
+            if reason:
+                raise ValueError(f"attnopt: option kernels='triton' cannot be honoured: {reason}. "
+                                 "Use kernels='auto' to pick per device.")
+
+
+def _inner_compile(aten: fx.GraphModule, args: list, inner: str, *, is_backward: bool,
+                   inference: bool) -> Callable:
+    if inner == "eager":
+        return make_boxed_func(aten.forward)
+    from torch._inductor.compile_fx import compile_fx_inner
+
+    aten = _decompose_for_inductor(aten, args)
+    output = next(iter(reversed(aten.graph.nodes)))
+    if inference:
+        output.meta["user_visible_output_idxs"] = [
+            i for i, n in enumerate(output.args[0]) if isinstance(n, fx.Node)]
+    fake_mode = detect_fake_mode(args)
+    # Frozen weights are real tensors in a graph of fake ones, as with Inductor's own freezing.
+    with mock.patch.object(fake_mode, "allow_non_fake_inputs", True) if fake_mode else _null():
+        return compile_fx_inner(aten, args, is_backward=is_backward)
+
+
+def _decompose_for_inductor(aten: fx.GraphModule, args: list) -> fx.GraphModule:
+    """Our passes see ATen ops as the model wrote them (softmax, SDPA, linear); Inductor wants
+    them decomposed into what it can fuse. Retrace the rewritten graph with Inductor's
+    decompositions; attnopt ops are opaque and stay as they are."""
+    from torch._inductor.decomposition import select_decomp_table
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    fake_mode = detect_fake_mode(args)
+    if fake_mode is None:
+        return aten
+    with mock.patch.object(fake_mode, "allow_non_fake_inputs", True):
+        traced = make_fx(aten, decomposition_table=select_decomp_table(),
+                         tracing_mode="real", _allow_non_fake_inputs=True)(*args)
+    return traced
+
+
+class _null:
+    def __enter__(self) -> None: ...
+    def __exit__(self, *exc: object) -> None: ...
+
+
+def _verify(gm: fx.GraphModule, compiled: Callable, example_inputs: list,
+            report: CompileReport, strict: bool) -> Callable:
+    """Run the original Dynamo graph and the compiled one on copies of the example inputs."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    if any(isinstance(x, FakeTensor) for x in example_inputs):
+        report.notes.append("verify skipped: example inputs are fake tensors")
+        return compiled
+    clone = lambda xs: [x.clone() if isinstance(x, torch.Tensor) else x for x in xs]  # noqa: E731
+    with torch.no_grad():
+        expected = tree_flatten(gm(*clone(example_inputs)))[0]
+        got = tree_flatten(compiled(*clone(example_inputs)))[0]
+    worst, ok = 0.0, True
+    for e, g in zip(expected, got, strict=True):
+        if not isinstance(e, torch.Tensor) or not e.is_floating_point():
+            ok = ok and torch.equal(e, g) if isinstance(e, torch.Tensor) else ok
+            continue
+        worst = max(worst, (e.float() - g.float()).abs().max().item() if e.numel() else 0.0)
+        tol = 1e-2 if e.dtype in (torch.float16, torch.bfloat16) else 1e-4
+        ok = ok and torch.allclose(e.float(), g.float(), rtol=tol, atol=tol, equal_nan=True)
+    report.verify_max_abs_error = worst
+    if ok:
+        return compiled
+    message = (f"attnopt: graph {report.graph_id} differs from eager after rewriting "
+               f"(max abs error {worst:.3g}); see the report's diff")
+    if strict:
+        raise VerificationError(message)
+    warnings.warn(message + "; falling back to the original graph", stacklevel=2)
+    report.notes.append("verify failed: the original graph is used instead")
+    return gm

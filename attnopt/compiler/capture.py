@@ -1,0 +1,78 @@
+"""Dynamo graph -> ATen graph, through AOTAutograd.
+
+Dynamo hands over a torch-level graph whose parameters are inputs. AOTAutograd functionalises it
+into ATen ops. For an inference graph (grad disabled, or nothing requiring grad) every parameter
+input is frozen: its placeholder in the ATen graph becomes a constant holding the parameter's
+tensor (shared, not copied), so weight rewrites happen once, at compile time, and the compiled
+function drops those arguments.
+
+Frozen weights are a promise: the compiled function keeps reading the tensors it was compiled
+with. In-place updates (load_state_dict, optimizer steps) are seen; rebinding a module's
+parameter to a new tensor is not, nor is anything a weight rewrite derived from the old values.
+Graphs that need gradients keep parameters as inputs and get no weight rewrites.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch._functorch.aot_autograd import aot_module_simplified
+
+# (aten graph, its example args, training?, number of frozen weights) -> boxed callable
+ForwardCompiler = Callable[[fx.GraphModule, list, bool, int], Callable]
+BackwardCompiler = Callable[[fx.GraphModule, list], Callable]
+
+
+def needs_grad(example_inputs: Sequence[Any]) -> bool:
+    """AOTAutograd's own test: it builds a joint forward/backward graph exactly when this holds."""
+    return torch.is_grad_enabled() and any(
+        isinstance(t, torch.Tensor) and t.requires_grad for t in example_inputs)
+
+
+def capture(
+    gm: fx.GraphModule,
+    example_inputs: list,
+    compile_forward: ForwardCompiler,
+    compile_backward: BackwardCompiler,
+) -> Callable:
+    training = needs_grad(example_inputs)
+    weights = {} if training else {
+        i: t.detach() for i, t in enumerate(example_inputs) if isinstance(t, torch.nn.Parameter)}
+
+    def forward_compiler(aten: fx.GraphModule, args: list) -> Callable:
+        placeholders = [n for n in aten.graph.nodes if n.op == "placeholder"]
+        if len(placeholders) != len(example_inputs):  # AOTAutograd changed the calling convention
+            return compile_forward(aten, args, training, 0)
+        for i, tensor in weights.items():
+            _freeze(aten, placeholders[i], f"_frozen_weight_{i}", tensor)
+        aten.recompile()
+        keep = [i for i in range(len(args)) if i not in weights]
+        compiled = compile_forward(aten, [args[i] for i in keep], training, len(weights))
+        return _drop_args(compiled, keep) if weights else compiled
+
+    return aot_module_simplified(
+        gm, example_inputs, fw_compiler=forward_compiler, bw_compiler=compile_backward,
+        decompositions={}, keep_inference_input_mutations=True,
+    )
+
+
+def _freeze(gm: fx.GraphModule, placeholder: fx.Node, name: str, tensor: torch.Tensor) -> None:
+    gm.register_buffer(name, tensor, persistent=False)
+    with gm.graph.inserting_before(placeholder):
+        const = gm.graph.get_attr(name)
+    const.meta = dict(placeholder.meta)
+    placeholder.replace_all_uses_with(const)
+    gm.graph.erase_node(placeholder)
+
+
+def _drop_args(compiled: Callable, keep: list[int]) -> Callable:
+    def run(args: list) -> Any:
+        kept = [args[i] for i in keep]
+        args.clear()  # boxed calling convention: free the inputs as early as possible
+        return compiled(kept)
+
+    run._boxed_call = True  # type: ignore[attr-defined]
+    return run

@@ -1,0 +1,93 @@
+"""Runs the passes in order over one ATen graph.
+
+Before and after each pass the graph is rendered (for the diff and the HTML report). A pass that
+raises, or that leaves a graph that does not lint, is rolled back to its snapshot and recorded as
+failed; the compile goes on unless `strict`. Passes stay linear in graph size.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch.fx as fx
+
+from attnopt.compiler.graph import count_ops, render
+from attnopt.compiler.options import Options
+from attnopt.compiler.report import PassRecord
+
+
+@dataclass
+class PassContext:
+    options: Options
+    training: bool  # a forward graph whose saved tensors feed a backward graph
+    frozen: bool  # weights are constants in the graph (inference graphs only)
+    rejected: list[str] = field(default_factory=list)
+
+    def reject(self, node: fx.Node, reason: str) -> None:
+        self.rejected.append(f"{node.name}: {reason}")
+
+
+class GraphPass(Protocol):
+    name: str
+    counts_as: str  # the CompileReport.counts key its rewrites add to
+    needs_frozen_weights: bool  # weight rewrites run only on inference graphs
+
+    def apply(self, gm: fx.GraphModule, ctx: PassContext) -> int: ...
+
+
+def run_pipeline(
+    gm: fx.GraphModule, passes: Sequence[GraphPass], options: Options, *, training: bool,
+    frozen: bool,
+) -> list[PassRecord]:
+    records = []
+    for p in passes:
+        ctx = PassContext(options, training=training, frozen=frozen)
+        before = render(gm.graph)
+        nodes_before = count_ops(gm.graph)
+        start = time.perf_counter()
+        rewrites, error = 0, None
+        if p.needs_frozen_weights and not frozen:
+            ctx.rejected.append("skipped: weights are not frozen (a training graph)")
+        else:
+            saved = _snapshot(gm)
+            try:
+                rewrites = p.apply(gm, ctx)
+                gm.graph.lint()
+                gm.recompile()
+            except Exception as e:
+                if options.strict:
+                    raise
+                _restore(gm, saved)
+                rewrites = 0
+                error = f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=-3)}"
+        records.append(PassRecord(
+            name=p.name, rewrites=rewrites, rejected=ctx.rejected, nodes_before=nodes_before,
+            nodes_after=count_ops(gm.graph), seconds=time.perf_counter() - start, error=error,
+            counts_as=p.counts_as, before=before, after=render(gm.graph),
+        ))
+    return records
+
+
+@dataclass
+class _Snapshot:
+    graph: fx.Graph
+    attrs: set[str]
+
+
+def _snapshot(gm: fx.GraphModule) -> _Snapshot:
+    # Copy the graph, not the module: constants (the weights) are shared, never duplicated.
+    graph = fx.Graph(owning_module=gm, tracer_cls=gm.graph._tracer_cls)
+    value, old_output = graph.graph_copy(gm.graph, {}, return_output_node=True)
+    graph.output(value).meta = dict(old_output.meta)
+    return _Snapshot(graph, set(gm.__dict__) | set(gm._buffers) | set(gm._modules))
+
+
+def _restore(gm: fx.GraphModule, snap: _Snapshot) -> None:
+    for name in (set(gm._buffers) | set(gm._modules) | set(gm.__dict__)) - snap.attrs:
+        delattr(gm, name)
+    gm.graph = snap.graph
+    gm.recompile()

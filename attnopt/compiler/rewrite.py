@@ -1,0 +1,56 @@
+"""A pass that is a named table of rules (pattern, check, rewrite), applied in one sweep."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any
+
+import torch.fx as fx
+
+from attnopt.compiler.pattern import Rule, erase_unused, root_targets
+
+
+class PatternPass:
+    """Visits nodes from the graph's outputs backwards, so a rule anchored at the outermost node
+    (a cast after a softmax, say) is tried before the inner node could be taken alone. Rules are
+    indexed by their anchor's target: one sweep, linear in graph size."""
+
+    def __init__(self, name: str, counts_as: str, rules: Sequence[Rule],
+                 needs_frozen_weights: bool = False) -> None:
+        self.name, self.counts_as, self.rules = name, counts_as, tuple(rules)
+        self.needs_frozen_weights = needs_frozen_weights
+        self._index: dict[Any, list[Rule]] = defaultdict(list)
+        for rule in self.rules:
+            for target in dict.fromkeys(root_targets(rule.pattern)):
+                self._index[target].append(rule)
+
+    def _candidates(self, node: fx.Node) -> list[Rule]:
+        if node.op != "call_function":
+            return []
+        packet = getattr(node.target, "overloadpacket", None)
+        return self._index.get(node.target, []) + self._index.get(packet, [])
+
+    def apply(self, gm: fx.GraphModule, ctx: Any) -> int:
+        graph, rewrites = gm.graph, 0
+        for node in reversed(list(graph.nodes)):
+            if getattr(node, "_erased", False):
+                continue
+            refusal = None
+            for rule in self._candidates(node):
+                match, reason = rule.find(node)
+                if match is None:
+                    refusal = refusal or reason
+                    continue
+                with graph.inserting_before(node):
+                    new = rule.rewrite(match, graph, ctx)
+                new.meta.setdefault("stack_trace", node.meta.get("stack_trace"))
+                new.meta["attnopt_rule"] = f"{self.name}.{rule.name}"
+                node.replace_all_uses_with(new)
+                erase_unused(graph, match.nodes)
+                rewrites += 1
+                break
+            else:
+                if refusal:
+                    ctx.reject(node, refusal)
+        return rewrites

@@ -1,0 +1,165 @@
+"""softmax: every softmax left in the graph becomes one `attnopt::softmax`.
+
+What it matches, read inside out:
+
+    x ─[* scale | / d]─[+ bias]─[masked_fill(m, v) | where(m, v, ·) | where(m, ·, v)]─ softmax ─[cast]
+
+softmax is `aten._softmax`, `aten.softmax.int`, `aten._safe_softmax` or the decomposed
+`exp(s - amax(s)) / sum(exp(s - amax(s)))`. Every bracketed piece is optional; widening casts
+(fp16 -> fp32) anywhere in the chain are looked through because the op computes in fp32 anyway.
+A piece that cannot be folded (a bias that would enlarge the scores, a tensor scale) is left in
+the graph and the softmax is still rewritten. Runs after the attention pass, which consumes the
+softmax inside attention.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from attnopt.backends import ops  # noqa: F401  (registers torch.ops.attnopt.*)
+from attnopt.compiler.graph import insert_call
+from attnopt.compiler.pattern import (
+    ANY,
+    Call,
+    Capture,
+    Literal,
+    Match,
+    Rule,
+    is_number,
+    is_tensor_node,
+    optional,
+)
+from attnopt.compiler.rewrite import PatternPass
+
+aten, prims = torch.ops.aten, torch.ops.prims
+
+# --- the pieces ---------------------------------------------------------------------------------
+
+
+def _is_float(dtype: torch.dtype) -> bool:
+    return dtype.is_floating_point
+
+
+x = Capture("x", where=is_tensor_node(_is_float))
+scaled = optional(
+    Call(aten.mul.Tensor, x, Literal("scale", where=is_number), commutative=True)
+    | Call(aten.div.Tensor, x, Literal("divisor", where=is_number)),
+    through=x,
+)
+biased = optional(
+    Call(aten.add.Tensor, scaled, Capture("bias", where=is_tensor_node(_is_float)),
+         commutative=True),
+    through=scaled,
+)
+bool_mask = Capture("mask", where=is_tensor_node(lambda d: d == torch.bool))
+fill_value = (
+    Call(aten.scalar_tensor.default, Literal("fill", where=is_number),
+         dtype=ANY, layout=ANY, device=ANY, pin_memory=ANY)
+    | Call(aten.full.default, [], Literal("fill", where=is_number),
+           dtype=ANY, layout=ANY, device=ANY, pin_memory=ANY)
+)
+masked = optional(
+    Call(aten.masked_fill.Scalar, biased, bool_mask, Literal("fill", where=is_number),
+         name="masked")
+    | Call(aten.where.self, bool_mask, fill_value, biased, name="masked")
+    | Call(aten.where.self, bool_mask, biased, fill_value, name="masked_keep"),
+    through=biased,
+)
+
+dim = Literal("dim", where=lambda d: isinstance(d, int))
+exp = Call(aten.exp.default, Call(aten.sub.Tensor, masked, Call(
+    aten.amax.default, masked, Literal("max_dims"), True)), name="exp")
+softmax_core = (
+    Call(aten._softmax.default, masked, dim, Literal("half_to_float"))
+    | Call(aten.softmax.int, masked, dim, Literal("dtype_arg"))
+    | Call(aten._safe_softmax.default, masked, dim, Literal("dtype_arg"), name="safe")
+    | Call(aten.div.Tensor, exp, Call(aten.sum.dim_IntList, Capture("exp"),
+                                      Literal("sum_dims"), True))
+)
+cast_dtype = Literal("out_dtype", where=lambda d: isinstance(d, torch.dtype))
+softmax = optional(
+    Call(aten._to_copy.default, softmax_core, dtype=cast_dtype, layout=ANY, device=ANY)
+    | Call(prims.convert_element_type.default, softmax_core, cast_dtype),
+    through=softmax_core,
+)
+
+
+# --- looking through casts ------------------------------------------------------------------------
+
+_FLOAT_BITS = {torch.float16: 16, torch.bfloat16: 16, torch.float32: 32, torch.float64: 64}
+
+
+def _dtype(node: object) -> torch.dtype | None:
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return val.dtype if isinstance(val, torch.Tensor) else None
+
+
+def widening_cast(node: fx.Node) -> bool:
+    """A float cast that loses nothing (fp16 -> fp32, bf16 -> fp64, same dtype), on one device;
+    the fused op computes in fp32 or wider, so such casts are no-ops to it."""
+    if node.target not in (aten._to_copy.default, prims.convert_element_type.default,
+                           aten.clone.default, aten.alias.default):
+        return False
+    if node.target is aten._to_copy.default and set(node.kwargs) - {"dtype", "layout", "device"}:
+        return False
+    src, dst = _dtype(node.args[0]), _dtype(node)
+    if src not in _FLOAT_BITS or dst not in _FLOAT_BITS:
+        return False
+    same_kind = src == dst or src in (torch.float16, torch.bfloat16) or src == torch.float32
+    return same_kind and _FLOAT_BITS[dst] >= _FLOAT_BITS[src] and (
+        src != torch.bfloat16 or dst != torch.float16)
+
+
+# --- check and rewrite ----------------------------------------------------------------------------
+
+
+def _shape(node: fx.Node) -> torch.Size:
+    return node.meta["val"].shape
+
+
+def _broadcasts_into(small: torch.Size, big: torch.Size) -> bool:
+    try:
+        return torch.broadcast_shapes(small, big) == big
+    except RuntimeError:
+        return False
+
+
+def check(m: Match) -> str | None:
+    if _dtype(m.anchor) is None or _dtype(m["x"]) is None:
+        return "no dtype information on the graph (meta['val'] missing)"
+    rank = len(_shape(m["x"]))
+    if rank == 0:
+        return "softmax of a 0-dim tensor"
+    if "max_dims" in m.captures:
+        amax, total = m["max_dims"], m["sum_dims"]
+        if len(amax) != 1 or len(total) != 1 or amax[0] % rank != total[0] % rank:
+            return f"amax over {amax} but sum over {total}: not a softmax over one dim"
+    for part in ("bias", "mask"):
+        if part in m.captures and not _broadcasts_into(_shape(m[part]), _shape(m["x"])):
+            return (f"{part} of shape {list(_shape(m[part]))} does not broadcast into scores "
+                    f"of shape {list(_shape(m['x']))}")
+    return None
+
+
+def rewrite(m: Match, graph: fx.Graph, ctx) -> fx.Node:
+    dim = m["max_dims"][0] if "max_dims" in m.captures else m["dim"]
+    scale = 1.0 / m["divisor"] if "divisor" in m.captures else float(m.get("scale", 1.0))
+    fill = float("-inf")
+    masked_node = m.get("masked") or m.get("masked_keep")
+    if masked_node is not None:
+        # The fill is stored in the dtype of the scores it fills: finfo(fp32).min in an fp16
+        # graph is -inf there, and fully masked rows must come out as eager gives them.
+        fill = float(torch.tensor(m["fill"], dtype=_dtype(masked_node)))
+    kernels = ctx.options.kernels
+    return insert_call(graph, torch.ops.attnopt.softmax.default, (
+        m["x"], dim, scale, m.get("bias"), m.get("mask"), fill,
+    ), {
+        "keep_mask": "masked_keep" in m.captures, "safe": "safe" in m.captures,
+        "dtype": _dtype(m.anchor), "impl": kernels,
+    })
+
+
+softmax_pass = PatternPass("softmax", counts_as="softmax", rules=[
+    Rule("fused_softmax", softmax, rewrite, check, through=widening_cast),
+])
