@@ -106,3 +106,20 @@ def _sum_to_shape(t: Tensor, shape: torch.Size) -> Tensor:
 
 
 softmax.register_autograd(_softmax_backward, setup_context=_softmax_setup)
+
+
+# --- handing CPU paths to Inductor ------------------------------------------------------------
+
+
+def _softmax_as_aten(x, dim, scale, bias, mask, fill, keep_mask=False, safe=False, dtype=None,
+                     impl="auto"):
+    if x.is_cuda or impl != "auto":
+        return NotImplemented  # the Triton path (or a forced impl) stays an opaque call
+    return reference.softmax(x, dim, scale, bias, mask, fill, keep_mask, safe, dtype)
+
+
+def inductor_decompositions() -> dict:
+    """Ops whose CPU path is plain ATen math, given to Inductor as that math on CPU tensors so
+    it fuses them into its loops (an opaque call would be slower there); elsewhere they stay
+    opaque calls to our kernels."""
+    return {torch.ops.attnopt.softmax.default: _softmax_as_aten}

@@ -17,7 +17,7 @@ from functorch.compile import make_boxed_func
 from torch._guards import detect_fake_mode
 from torch.utils._pytree import tree_flatten
 
-from attnopt.backends.ops import triton_usable
+from attnopt.backends.ops import inductor_decompositions, triton_usable
 from attnopt.compiler.capture import capture
 from attnopt.compiler.options import Options
 from attnopt.compiler.pipeline import run_pipeline
@@ -97,7 +97,8 @@ def _inner_compile(aten: fx.GraphModule, args: list, inner: str, *, is_backward:
 def _decompose_for_inductor(aten: fx.GraphModule, args: list) -> fx.GraphModule:
     """Our passes see ATen ops as the model wrote them (softmax, SDPA, linear); Inductor wants
     them decomposed into what it can fuse. Retrace the rewritten graph with Inductor's
-    decompositions; attnopt ops are opaque and stay as they are."""
+    decompositions. attnopt ops stay opaque calls, except CPU paths that are plain ATen math,
+    which Inductor fuses better as that math."""
     from torch._inductor.decomposition import select_decomp_table
     from torch.fx.experimental.proxy_tensor import make_fx
 
@@ -105,7 +106,8 @@ def _decompose_for_inductor(aten: fx.GraphModule, args: list) -> fx.GraphModule:
     if fake_mode is None:
         return aten
     with mock.patch.object(fake_mode, "allow_non_fake_inputs", True):
-        traced = make_fx(aten, decomposition_table=select_decomp_table(),
+        table = {**select_decomp_table(), **inductor_decompositions()}
+        traced = make_fx(aten, decomposition_table=table,
                          tracing_mode="real", _allow_non_fake_inputs=True)(*args)
     return traced
 

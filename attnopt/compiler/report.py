@@ -9,7 +9,7 @@ import json
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from attnopt.compiler.graph import node_names
 
@@ -41,6 +41,8 @@ class PassRecord:
 
 @dataclass
 class CompileReport:
+    COUNT_KEYS: ClassVar[tuple[str, ...]] = COUNT_KEYS
+
     graph_id: int
     passes: list[PassRecord]
     options: dict[str, Any]

@@ -1,0 +1,1 @@
+"""Small built-in models, built locally with random weights (no downloads), for the demo."""
