@@ -4,8 +4,9 @@
     attnopt.reports()[-1].diff()                               # what was rewritten, and why not
 """
 
+from attnopt.backends import ops  # registers torch.ops.attnopt.*
 from attnopt.compiler.options import Options
 from attnopt.compiler.report import CompileReport, PassRecord, clear_reports, reports
 
-__all__ = ["CompileReport", "Options", "PassRecord", "clear_reports", "reports"]
+__all__ = ["CompileReport", "Options", "PassRecord", "clear_reports", "ops", "reports"]
 __version__ = "0.1.0"

@@ -125,7 +125,7 @@ def _verify(gm: fx.GraphModule, compiled: Callable, example_inputs: list,
     if any(isinstance(x, FakeTensor) for x in example_inputs):
         report.notes.append("verify skipped: example inputs are fake tensors")
         return compiled
-    clone = lambda xs: [x.clone() if isinstance(x, torch.Tensor) else x for x in xs]  # noqa: E731
+    clone = lambda xs: [x.clone() if isinstance(x, torch.Tensor) else x for x in xs]
     with torch.no_grad():
         expected = tree_flatten(gm(*clone(example_inputs)))[0]
         got = tree_flatten(compiled(*clone(example_inputs)))[0]

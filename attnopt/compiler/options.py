@@ -81,7 +81,8 @@ class Options:
         if not all(isinstance(g, str) for g in self.skip):
             raise ValueError(f"attnopt: option 'skip' must be a list of globs, got {self.skip!r}")
         if self.report_dir is not None and not isinstance(self.report_dir, (str, os.PathLike)):
-            raise ValueError(f"attnopt: option 'report_dir' must be a path, got {self.report_dir!r}")
+            raise ValueError(
+                f"attnopt: option 'report_dir' must be a path, got {self.report_dir!r}")
 
     def as_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}

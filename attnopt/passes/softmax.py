@@ -2,7 +2,7 @@
 
 What it matches, read inside out:
 
-    x ─[* scale | / d]─[+ bias]─[masked_fill(m, v) | where(m, v, ·) | where(m, ·, v)]─ softmax ─[cast]
+    x ─[* scale | / d]─[+ bias]─[masked_fill(m, v) | where(m, v, ·) | where(m, ·, v)]─softmax─[cast]
 
 softmax is `aten._softmax`, `aten.softmax.int`, `aten._safe_softmax` or the decomposed
 `exp(s - amax(s)) / sum(exp(s - amax(s)))`. Every bracketed piece is optional; widening casts

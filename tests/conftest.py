@@ -1,0 +1,23 @@
+"""Without a GPU, Triton kernels run under the interpreter on CPU tensors: set it before
+anything imports triton."""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import attnopt  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def _fresh_state():
+    torch._dynamo.reset()
+    attnopt.clear_reports()
+    yield
