@@ -66,8 +66,29 @@ def softmax(
         from attnopt.backends.triton import softmax as kernel
 
         return kernel.softmax(x, dim, scale, bias, mask, fill, keep_mask, safe, out_dtype)
-    # CPU path: ATen's vectorised softmax after the fused pre-ops; identical to the reference.
-    return reference.softmax(x, dim, scale, bias, mask, fill, keep_mask, safe, out_dtype)
+    if impl == "reference":
+        return reference.softmax(x, dim, scale, bias, mask, fill, keep_mask, safe, out_dtype)
+    return _softmax_cpu(x, dim, scale, bias, mask, fill, keep_mask, safe, out_dtype)
+
+
+def _softmax_cpu(x, dim, scale, bias, mask, fill, keep_mask, safe, dtype) -> Tensor:
+    """The reference math with one working buffer: the pre-ops run in place on a single fp32
+    copy of the scores, and ATen's vectorised softmax upcasts on the fly when there are none."""
+    cdt = reference.compute_dtype(x.dtype)
+    if scale == 1.0 and bias is None and mask is None:
+        s = x
+    else:
+        s = torch.mul(x, scale, out=torch.empty(x.shape, dtype=cdt, device=x.device))
+        if bias is not None:
+            s = s.add_(bias) if torch.broadcast_shapes(bias.shape, s.shape) == s.shape else s + bias
+        if mask is not None:
+            s = s.masked_fill_(~mask if keep_mask else mask, fill) \
+                if torch.broadcast_shapes(mask.shape, s.shape) == s.shape \
+                else s.masked_fill(~mask if keep_mask else mask, fill)
+    y = torch.softmax(s, dim, dtype=cdt)
+    if safe:
+        y = y.masked_fill_((s == float("-inf")).all(dim, keepdim=True), 0.0)
+    return y.to(dtype).contiguous()
 
 
 @softmax.register_fake
