@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Mapping
+from contextlib import nullcontext
 from typing import Any
 from unittest import mock
 
@@ -90,7 +91,9 @@ def _inner_compile(aten: fx.GraphModule, args: list, inner: str, *, is_backward:
             i for i, n in enumerate(output.args[0]) if isinstance(n, fx.Node)]
     fake_mode = detect_fake_mode(args)
     # Frozen weights are real tensors in a graph of fake ones, as with Inductor's own freezing.
-    with mock.patch.object(fake_mode, "allow_non_fake_inputs", True) if fake_mode else _null():
+    allow_real = mock.patch.object(fake_mode, "allow_non_fake_inputs", True) if fake_mode \
+        else nullcontext()
+    with allow_real:
         return compile_fx_inner(aten, args, is_backward=is_backward)
 
 
@@ -110,11 +113,6 @@ def _decompose_for_inductor(aten: fx.GraphModule, args: list) -> fx.GraphModule:
         traced = make_fx(aten, decomposition_table=table,
                          tracing_mode="real", _allow_non_fake_inputs=True)(*args)
     return traced
-
-
-class _null:
-    def __enter__(self) -> None: ...
-    def __exit__(self, *exc: object) -> None: ...
 
 
 def _verify(gm: fx.GraphModule, compiled: Callable, example_inputs: list,

@@ -87,7 +87,9 @@ softmax = optional(
 
 # --- looking through casts ------------------------------------------------------------------------
 
-_FLOAT_BITS = {torch.float16: 16, torch.bfloat16: 16, torch.float32: 32, torch.float64: 64}
+# Casts that lose nothing and that the op's fp32 computation makes redundant. Widening to fp64
+# is not among them: the op would compute in fp32 where eager computed in fp64.
+_LOSSLESS = {(torch.float16, torch.float32), (torch.bfloat16, torch.float32)}
 
 
 def _dtype(node: object) -> torch.dtype | None:
@@ -96,19 +98,21 @@ def _dtype(node: object) -> torch.dtype | None:
 
 
 def widening_cast(node: fx.Node) -> bool:
-    """A float cast that loses nothing (fp16 -> fp32, bf16 -> fp64, same dtype), on one device;
-    the fused op computes in fp32 or wider, so such casts are no-ops to it."""
-    if node.target not in (aten._to_copy.default, prims.convert_element_type.default,
-                           aten.clone.default, aten.alias.default):
+    """fp16/bf16 -> fp32 casts, clones and aliases: no-ops to an op that computes in fp32."""
+    if node.target in (aten.clone.default, aten.alias.default):
+        return True
+    if node.target is aten._to_copy.default:
+        if set(node.kwargs) - {"dtype", "layout", "device"} or node.kwargs.get(
+                "device", _device(node.args[0])) != _device(node.args[0]):
+            return False
+    elif node.target is not prims.convert_element_type.default:
         return False
-    if node.target is aten._to_copy.default and set(node.kwargs) - {"dtype", "layout", "device"}:
-        return False
-    src, dst = _dtype(node.args[0]), _dtype(node)
-    if src not in _FLOAT_BITS or dst not in _FLOAT_BITS:
-        return False
-    same_kind = src == dst or src in (torch.float16, torch.bfloat16) or src == torch.float32
-    return same_kind and _FLOAT_BITS[dst] >= _FLOAT_BITS[src] and (
-        src != torch.bfloat16 or dst != torch.float16)
+    return (_dtype(node.args[0]), _dtype(node)) in _LOSSLESS
+
+
+def _device(node: object) -> torch.device | None:
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return val.device if isinstance(val, torch.Tensor) else None
 
 
 # --- check and rewrite ----------------------------------------------------------------------------
