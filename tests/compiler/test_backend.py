@@ -93,6 +93,21 @@ def test_inference_graph_freezes_weights_and_matches_eager(inner):
     assert "constant(_frozen_weight_" in "\n".join(report.passes[0].before)
 
 
+@pytest.mark.parametrize("inner", ["eager", "inductor"])
+def test_new_lengths_recompile_once_with_dynamic_shapes(inner):
+    net = Net().eval()
+    compiled = torch.compile(net, backend="attnopt", options={"inner": inner})
+    with torch.no_grad():
+        for length in (6, 9, 13):
+            x = torch.randn(2, length, 16)
+            mask = torch.rand(2, length, length) > 0.8
+            mask[..., 0] = False
+            torch.testing.assert_close(compiled(x, mask), net(x, mask))
+    reports = attnopt.reports()
+    assert len(reports) == 2  # static first graph, then one dynamic graph serves every length
+    assert [r.counts["softmax"] for r in reports] == [1, 1] and not reports[1].notes
+
+
 def test_frozen_weights_follow_in_place_updates():
     net = Net().eval()
     with torch.no_grad():
