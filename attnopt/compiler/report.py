@@ -159,7 +159,7 @@ table.counts td,table.counts th{padding:2px 10px;text-align:left}
 .cols{display:flex;gap:1em} .col{flex:1;min-width:0}
 pre{background:#f7f7f7;padding:.6em;overflow-x:auto;font-size:12px;margin:0}
 .del{background:#fdd} .add{background:#dfd} .err{color:#a00;white-space:pre-wrap}
-.rej{color:#8a5a00} .muted{color:#777}
+.rej{color:#8a5a00} .muted{color:#777} summary{cursor:pointer;margin:1em 0 .3em}
 """
 
 
@@ -170,6 +170,14 @@ def _graph_block(lines: list[str], highlight: set[str], cls: str) -> str:
         text = html.escape(line)
         out.append(f'<span class="{cls}">{text}</span>' if name in highlight else text)
     return "<pre>" + "\n".join(out) + "</pre>"
+
+
+def _diff_block(diff: str) -> str:
+    lines = diff.splitlines()[2:]  # the ---/+++ header says nothing the page does not
+    cls = {"-": "del", "+": "add", "@": "muted"}
+    return "<pre>" + "\n".join(
+        f'<span class="{cls[line[0]]}">{html.escape(line)}</span>' if line[:1] in cls
+        else html.escape(line) for line in lines) + "</pre>"
 
 
 def _html(r: CompileReport) -> str:
@@ -193,11 +201,13 @@ def _html(r: CompileReport) -> str:
             items = "".join(f"<li>{html.escape(x)}</li>" for x in p.rejected)
             body.append(f"<p>Rejected candidates:</p><ul class='rej'>{items}</ul>")
         if removed or added:
+            body.append("<h3>changes</h3>" + _diff_block(r.diff(p.name)))
             body.append(
+                "<details open><summary>whole graph, before and after</summary>"
                 "<div class='cols'><div class='col'><h3>before</h3>"
                 + _graph_block(p.before, removed, "del")
                 + "</div><div class='col'><h3>after</h3>"
-                + _graph_block(p.after, added, "add") + "</div></div>")
+                + _graph_block(p.after, added, "add") + "</div></div></details>")
         else:
             body.append("<p class='muted'>graph unchanged</p>")
     return ("<!doctype html><html><head><meta charset='utf-8'>"
