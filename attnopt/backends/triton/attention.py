@@ -1,0 +1,320 @@
+"""Fused attention forward: softmax(q @ kᵀ * scale + mask) @ v, see `reference.attention`.
+
+Both paths stream over the keys with the online softmax of FlashAttention (Dao et al., 2022).
+For a block of query rows we keep, per row, the running maximum m of the scores, the running
+sum l = Σ_j exp(s_j - m) and the unnormalised output acc = Σ_j exp(s_j - m) v_j. A new block
+of scores s' moves the maximum to m' = max(m, max s') and is folded in as
+
+    α = exp(m - m'),   l ← α l + Σ exp(s' - m'),   acc ← α acc + exp(s' - m') v',
+
+so that at the end out = acc / l. We work in base 2: the scores are multiplied by
+scale · log2(e) (and an additive mask by log2(e)) so that exp becomes the cheaper exp2.
+
+Masked scores are -inf. A row that has seen only -inf has m = -inf, and exp2(-inf - -inf) would
+be NaN, so exponents are taken relative to m where it is finite and relative to 0 otherwise:
+such a row keeps l = 0 and acc = 0, and gives out = 0 (as SDPA does) instead of 0 / 0.
+
+- Prefill (Lq > DECODE_MAX_Q): one program per (BLOCK_M query rows, batch · query head). With
+  `is_causal` (bottom-right: query i sees keys j <= i + Lk - Lq) the key loop stops after the
+  last key the block's last row can see, so blocks above the diagonal are never loaded.
+- Decode (Lq <= DECODE_MAX_Q): flash decoding (Dao et al., 2023). One query block is far too
+  little work for a GPU, so the keys are split into chunks and one program handles one
+  (batch, KV head, chunk) for every query row of every query head that reads this KV head: the
+  chunk of K/V is read once per group, not once per query head. Each program writes its
+  normalised partial output o_s and its log-sum-exp lse_s (base 2) per row; a second kernel
+  merges the chunks: out = Σ_s 2^(lse_s - lse) o_s with lse = log2 Σ_s 2^lse_s.
+
+Grouped-query attention is pure indexing (query head h reads KV head h // (Hq // Hkv)), and q,
+k, v and the mask are read through their strides: a transposed q or a mask broadcast over heads
+(stride 0) is never copied.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from attnopt.backends.triton import interpreting
+
+# Query lengths up to this take the split-KV decode path.
+DECODE_MAX_Q = 16
+# Under the default split count every chunk has at least this many keys, so the partial
+# outputs and the merge stay small next to the attention work.
+MIN_KEYS_PER_SPLIT = 256
+
+LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)  # log2(e)
+
+
+@triton.jit
+def _finite_or_zero(m):
+    return tl.where(m == float("-inf"), 0.0, m)
+
+
+@triton.jit
+def _dot(a, b, DOT_IN_FP32: tl.constexpr):
+    # "ieee" keeps fp32 inputs in full fp32 rather than TF32; fp16/bf16 inputs are unaffected.
+    # DOT_IN_FP32 is for bf16 under the interpreter: numpy has no bfloat16, and the interpreter's
+    # tl.dot would multiply the raw uint16 bit patterns. bf16 products are exact in fp32, so
+    # upcasting first gives what the tensor cores give.
+    if DOT_IN_FP32:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, input_precision="ieee")
+
+
+@triton.jit
+def _attend(
+    acc, m_i, l_i, q, q_pos, row_ok,
+    k_ptr, skn, skd, v_ptr, svn, svd, mask_rows, smn,
+    lo, hi, Lq, Lk, D, Dv, qk_scale,
+    HAS_MASK: tl.constexpr, BOOL_MASK: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """Fold keys [lo, hi) into the online-softmax state (acc, m_i, l_i) of a block of query rows.
+
+    q: [BLOCK_M, BLOCK_D] queries; q_pos: their positions in the query sequence (for causal);
+    mask_rows: a pointer per row to its row of the mask.
+    """
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    for start in range(lo, hi, BLOCK_N):
+        cols = start + offs_n
+        col_ok = cols < hi
+        # Kᵀ block [BLOCK_D, BLOCK_N]; the padded head-dim lanes read 0 and add nothing to q·k.
+        kt = tl.load(k_ptr + cols[None, :] * skn + offs_d[:, None] * skd,
+                     mask=col_ok[None, :] & (offs_d < D)[:, None], other=0.0)
+        s = _dot(q, kt, DOT_IN_FP32) * qk_scale
+        keep = col_ok[None, :]
+        if HAS_MASK:
+            mk = tl.load(mask_rows[:, None] + cols[None, :] * smn,
+                         mask=row_ok[:, None] & col_ok[None, :], other=0)
+            if BOOL_MASK:
+                keep = keep & (mk != 0)
+            else:
+                s += mk.to(tl.float32) * LOG2E
+        if IS_CAUSAL:
+            keep = keep & (cols[None, :] <= q_pos[:, None] + (Lk - Lq))
+        s = tl.where(keep, s, float("-inf"))
+
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        base = _finite_or_zero(m_new)
+        p = tl.exp2(s - base[:, None])
+        alpha = tl.exp2(m_i - base)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v_blk = tl.load(v_ptr + cols[:, None] * svn + offs_dv[None, :] * svd,
+                        mask=col_ok[:, None] & (offs_dv < Dv)[None, :], other=0.0)
+        # P is rounded to V's dtype so the second product runs on the same tensor cores.
+        acc = acc * alpha[:, None] + _dot(p.to(v_blk.dtype), v_blk, DOT_IN_FP32)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _attn_fwd(
+    out, q, sqb, sqh, sqm, sqd, k, skb, skh, skn, skd, v, svb, svh, svn, svd,
+    mask, smb, smh, smm, smn,
+    Hq, Hkv, Lq, Lk, D, Dv, qk_scale,
+    HAS_MASK: tl.constexpr, BOOL_MASK: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """Prefill: out[b, h, rows] for one block of BLOCK_M query rows of one (batch, head)."""
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1).to(tl.int64)  # int64: offsets of large tensors overflow int32
+    b = bh // Hq
+    h = bh % Hq
+    hkv = h // (Hq // Hkv)
+    rows = start_m + tl.arange(0, BLOCK_M)
+    row_ok = rows < Lq
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+
+    q_blk = tl.load(q + b * sqb + h * sqh + rows[:, None] * sqm + offs_d[None, :] * sqd,
+                    mask=row_ok[:, None] & (offs_d < D)[None, :], other=0.0)
+    hi = Lk
+    if IS_CAUSAL:
+        # The block's last row sees keys j <= last + Lk - Lq; nothing past it is loaded.
+        hi = tl.minimum(Lk, tl.minimum(start_m + BLOCK_M, Lq) + Lk - Lq)
+
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc, m_i, l_i = _attend(
+        acc, m_i, l_i, q_blk, rows, row_ok,
+        k + b * skb + hkv * skh, skn, skd, v + b * svb + hkv * svh, svn, svd,
+        mask + b * smb + h * smh + rows * smm, smn,
+        0, hi, Lq, Lk, D, Dv, qk_scale,
+        HAS_MASK, BOOL_MASK, IS_CAUSAL, DOT_IN_FP32, BLOCK_N, BLOCK_D, BLOCK_DV,
+    )
+    # Rows that saw no unmasked key have l = 0 and acc = 0: they give 0.
+    y = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    tl.store(out + (bh * Lq + rows[:, None]) * Dv + offs_dv[None, :], y.to(out.dtype.element_ty),
+             mask=row_ok[:, None] & (offs_dv < Dv)[None, :])
+
+
+def _prefill_configs() -> list[triton.Config]:
+    if interpreting():  # one small config: autotuning under the interpreter would take minutes
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+        for bm, bn, w, s in [
+            (128, 64, 4, 3), (128, 128, 8, 3), (128, 32, 4, 4), (64, 64, 4, 3), (64, 32, 4, 2),
+        ]
+    ]
+
+
+_attn_fwd_tuned = triton.autotune(configs=_prefill_configs(), key=["Lq", "Lk", "D"])(_attn_fwd)
+
+
+@triton.jit
+def _decode_split_kernel(
+    o_part, lse_part, q, sqb, sqh, sqm, sqd, k, skb, skh, skn, skd, v, svb, svh, svn, svd,
+    mask, smb, smh, smm, smn,
+    B, Hq, Hkv, Lq, Lk, D, Dv, qk_scale, split_len,
+    HAS_MASK: tl.constexpr, BOOL_MASK: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """Decode, phase 1: keys [split · split_len, (split + 1) · split_len) of one (batch, KV head)
+    against BLOCK_M of the group's (query head, query row) pairs, flattened as r = g · Lq + i."""
+    bkv = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1).to(tl.int64)
+    b = bkv // Hkv
+    hkv = bkv % Hkv
+    group = Hq // Hkv
+    r = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = r < group * Lq
+    h = hkv * group + r // Lq
+    q_pos = r % Lq
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+
+    q_blk = tl.load(
+        q + b * sqb + h[:, None] * sqh + q_pos[:, None] * sqm + offs_d[None, :] * sqd,
+        mask=row_ok[:, None] & (offs_d < D)[None, :], other=0.0)
+    lo = split * split_len
+    hi = tl.minimum(lo + split_len, Lk)
+
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc, m_i, l_i = _attend(
+        acc, m_i, l_i, q_blk, q_pos, row_ok,
+        k + b * skb + hkv * skh, skn, skd, v + b * svb + hkv * svh, svn, svd,
+        mask + b * smb + h * smh + q_pos * smm, smn,
+        lo, hi, Lq, Lk, D, Dv, qk_scale,
+        HAS_MASK, BOOL_MASK, IS_CAUSAL, DOT_IN_FP32, BLOCK_N, BLOCK_D, BLOCK_DV,
+    )
+    # Partials are [splits, B, Hq, Lq, (Dv)]. A chunk with no unmasked key for a row stores
+    # o_s = 0 and lse_s = -inf, so the merge gives it weight 0.
+    part = ((split * B + b) * Hq + h) * Lq + q_pos
+    seen = l_i > 0
+    y = acc / tl.where(seen, l_i, 1.0)[:, None]
+    tl.store(o_part + part[:, None] * Dv + offs_dv[None, :], y,
+             mask=row_ok[:, None] & (offs_dv < Dv)[None, :])
+    lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
+    tl.store(lse_part + part, lse, mask=row_ok)
+
+
+@triton.jit
+def _decode_merge_kernel(
+    out, o_part, lse_part, R, S, Dv,
+    BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """Decode, phase 2: out[row] = Σ_s w_s o_s / Σ_s w_s with w_s = 2^(lse_s - max_s lse_s), for
+    one of the R = B · Hq · Lq output rows. Rows with every lse_s = -inf give 0."""
+    row = tl.program_id(0).to(tl.int64)
+    splits = tl.arange(0, BLOCK_S)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    part = splits.to(tl.int64) * R + row
+    lse = tl.load(lse_part + part, mask=splits < S, other=float("-inf"))
+    w = tl.exp2(lse - _finite_or_zero(tl.max(lse, axis=0)))
+    o = tl.load(o_part + part[:, None] * Dv + offs_dv[None, :],
+                mask=(splits < S)[:, None] & (offs_dv < Dv)[None, :], other=0.0)
+    total = tl.sum(w, axis=0)
+    y = tl.sum(w[:, None] * o, axis=0) / tl.where(total > 0, total, 1.0)
+    tl.store(out + row * Dv + offs_dv, y.to(out.dtype.element_ty), mask=offs_dv < Dv)
+
+
+def _default_splits(q: Tensor, programs: int, lk: int) -> int:
+    """Enough chunks that the split kernel has about two programs per SM."""
+    if interpreting():
+        return 2
+    sms = torch.cuda.get_device_properties(q.device).multi_processor_count
+    return max(1, min(triton.cdiv(2 * sms, programs), triton.cdiv(lk, MIN_KEYS_PER_SPLIT)))
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Tensor | None,
+    is_causal: bool,
+    scale: float,
+    *,
+    decode_split: int | None = None,
+    block_m: int | None = None,
+    block_n: int | None = None,
+) -> Tensor:
+    """softmax(q @ kᵀ * scale + mask) @ v, exactly as `reference.attention`, for fp16, bf16
+    and fp32 q [B, Hq, Lq, D], k [B, Hkv, Lk, D], v [B, Hkv, Lk, Dv].
+
+    Lq <= DECODE_MAX_Q takes the split-KV decode path, longer queries the prefill kernel.
+    `decode_split` (number of key chunks in decode) and `block_m` / `block_n` (rows and keys
+    per tile; in decode, block_m counts (query head, query row) pairs) override the defaults,
+    which lets tests reach every path on tiny shapes.
+    """
+    b, hq, lq, d = q.shape
+    hkv, lk, dv = k.shape[1], k.shape[2], v.shape[3]
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"attention kernel supports fp16, bf16 and fp32, got {q.dtype}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if hq % hkv or k.shape[:3] != v.shape[:3] or k.shape[-1] != d:
+        raise ValueError(f"bad shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    out = torch.empty((b, hq, lq, dv), dtype=q.dtype, device=q.device)
+    if out.numel() == 0 or lk == 0:  # no keys: every row is fully masked
+        return out.zero_()
+
+    # The mask is read through the strides of its broadcast view: stride 0 on broadcast dims.
+    mask4 = q if mask is None else mask.expand(b, hq, lq, lk)
+    mask_strides = (0, 0, 0, 0) if mask is None else mask4.stride()
+    args = (q, *q.stride(), k, *k.stride(), v, *v.stride(), mask4, *mask_strides)
+    qk_scale = float(scale) * LOG2E.value  # exp(x) = exp2(x · log2(e))
+    flags = dict(
+        HAS_MASK=mask is not None, BOOL_MASK=mask is not None and mask.dtype == torch.bool,
+        IS_CAUSAL=bool(is_causal), DOT_IN_FP32=interpreting() and q.dtype == torch.bfloat16,
+        BLOCK_D=triton.next_power_of_2(d), BLOCK_DV=triton.next_power_of_2(dv),
+    )
+
+    if lq > DECODE_MAX_Q:
+        shape_args = (hq, hkv, lq, lk, d, dv, qk_scale)
+        if block_m is None and block_n is None:
+            grid = lambda meta: (triton.cdiv(lq, meta["BLOCK_M"]), b * hq)
+            _attn_fwd_tuned[grid](out, *args, *shape_args, **flags)
+        else:
+            bm, bn = block_m or 64, block_n or 64
+            _attn_fwd[(triton.cdiv(lq, bm), b * hq)](
+                out, *args, *shape_args, **flags, BLOCK_M=bm, BLOCK_N=bn, num_warps=4)
+        return out
+
+    # Decode. tl.dot needs at least 16 rows; more than 64 rows of q and acc per program would
+    # spill registers, so large groups (e.g. MQA) take several row blocks.
+    rows = hq // hkv * lq
+    bm = block_m or min(64, max(16, triton.next_power_of_2(rows)))
+    row_blocks = triton.cdiv(rows, bm)
+    splits = decode_split or _default_splits(q, b * hkv * row_blocks, lk)
+    split_len = triton.cdiv(lk, splits)
+    o_part = torch.empty((splits, b, hq, lq, dv), dtype=torch.float32, device=q.device)
+    lse_part = torch.empty((splits, b, hq, lq), dtype=torch.float32, device=q.device)
+    _decode_split_kernel[(b * hkv, splits, row_blocks)](
+        o_part, lse_part, *args, b, hq, hkv, lq, lk, d, dv, qk_scale, split_len, **flags,
+        BLOCK_M=bm, BLOCK_N=block_n or 64, num_warps=4)
+    _decode_merge_kernel[(b * hq * lq,)](
+        out, o_part, lse_part, b * hq * lq, splits, dv,
+        BLOCK_S=triton.next_power_of_2(splits), BLOCK_DV=flags["BLOCK_DV"])
+    return out
