@@ -13,8 +13,12 @@ from attnopt.compiler.pattern import bound_arguments
 
 
 def aten_graph(fn: Callable, *inputs: torch.Tensor) -> fx.GraphModule:
-    """The ATen graph of `fn`, with fake values on every node, as the backend's passes see it."""
-    return make_fx(fn, tracing_mode="fake")(*inputs)
+    """The ATen graph of `fn`, with fake values on every node, as the backend's passes see it
+    (dead nodes removed, as AOTAutograd removes them)."""
+    gm = make_fx(fn, tracing_mode="fake")(*inputs)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return gm
 
 
 def structure(gm: fx.GraphModule) -> list[tuple]:

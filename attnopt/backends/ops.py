@@ -12,6 +12,8 @@ so the choice is visible in the graph and in the report:
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -129,6 +131,79 @@ def _sum_to_shape(t: Tensor, shape: torch.Size) -> Tensor:
 softmax.register_autograd(_softmax_backward, setup_context=_softmax_setup)
 
 
+# --- attention ---------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("attnopt::attention", mutates_args=())
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Tensor | None,
+    is_causal: bool,
+    scale: float,
+    impl: str = "auto",
+) -> Tensor:
+    """softmax(q @ kᵀ * scale + mask) @ v with GQA, bottom-right causal; `reference.attention`."""
+    if _use_triton(impl, q):
+        from attnopt.backends.triton import attention as kernel
+
+        return kernel.attention(q, k, v, mask, is_causal, scale)
+    if impl == "reference":
+        return reference.attention(q, k, v, mask, is_causal, scale)
+    return _attention_cpu(q, k, v, mask, is_causal, scale)
+
+
+def _attention_cpu(q, k, v, mask, is_causal, scale) -> Tensor:
+    """ATen's SDPA (flash on CPU), which reads grouped K/V without repeating them. SDPA's causal
+    flag is top-left aligned and excludes a mask; ours is bottom-right and combines with one, so
+    outside the case where they agree the causal part is folded into the mask."""
+    lq, lk = q.shape[-2], k.shape[-2]
+    if is_causal and (lq != lk or mask is not None):
+        keep = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(lk - lq)
+        if mask is None:
+            mask = keep
+        else:
+            mask = mask & keep if mask.dtype == torch.bool else mask.masked_fill(~keep, -math.inf)
+        is_causal = False
+    if mask is not None and mask.dtype != torch.bool:
+        mask = mask.to(q.dtype)
+    return torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale,
+        enable_gqa=q.shape[1] != k.shape[1]).contiguous()
+
+
+@attention.register_fake
+def _(q, k, v, mask, is_causal, scale, impl="auto"):
+    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
+def _attention_setup(ctx, inputs, output):
+    q, k, v, mask, is_causal, scale, _impl = inputs
+    ctx.save_for_backward(q, k, v, mask)
+    ctx.is_causal, ctx.scale = is_causal, scale
+
+
+def _attention_backward(ctx, grad):
+    # Recompute through the reference in fp32 and differentiate it: exact gradients, at the
+    # memory cost of the unfused math (a Triton backward kernel is future work).
+    q, k, v, mask = ctx.saved_tensors
+    float_mask = mask is not None and mask.dtype != torch.bool
+    with torch.enable_grad():
+        leaves = [t.detach().float().requires_grad_() for t in (q, k, v)]
+        if float_mask:
+            leaves.append(mask.detach().float().requires_grad_())
+        out = reference.attention(*leaves[:3], leaves[3] if float_mask else mask,
+                                  ctx.is_causal, ctx.scale)
+        grads = torch.autograd.grad(out, leaves, grad.float())
+    dq, dk, dv = (g.to(t.dtype) for g, t in zip(grads, (q, k, v), strict=False))
+    dmask = _sum_to_shape(grads[3], mask.shape).to(mask.dtype) if float_mask else None
+    return dq, dk, dv, dmask, None, None, None
+
+
+attention.register_autograd(_attention_backward, setup_context=_attention_setup)
+
+
 # --- handing CPU paths to Inductor ------------------------------------------------------------
 
 
@@ -139,8 +214,17 @@ def _softmax_as_aten(x, dim, scale, bias, mask, fill, keep_mask=False, safe=Fals
     return reference.softmax(x, dim, scale, bias, mask, fill, keep_mask, safe, dtype)
 
 
+def _attention_as_aten(q, k, v, mask, is_causal, scale, impl="auto"):
+    if q.is_cuda or impl != "auto":
+        return NotImplemented
+    return _attention_cpu(q, k, v, mask, is_causal, scale)
+
+
 def inductor_decompositions() -> dict:
     """Ops whose CPU path is plain ATen math, given to Inductor as that math on CPU tensors so
     it fuses them into its loops (an opaque call would be slower there); elsewhere they stay
     opaque calls to our kernels."""
-    return {torch.ops.attnopt.softmax.default: _softmax_as_aten}
+    return {
+        torch.ops.attnopt.softmax.default: _softmax_as_aten,
+        torch.ops.attnopt.attention.default: _attention_as_aten,
+    }

@@ -48,3 +48,43 @@ def softmax(
     if safe:
         y = y.masked_fill((s == float("-inf")).all(dim, keepdim=True), 0.0)
     return y.to(dtype or x.dtype).contiguous()
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Tensor | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+) -> Tensor:
+    """softmax(q @ kᵀ * scale + mask) @ v over q [B, Hq, Lq, D], k [B, Hkv, Lk, D],
+    v [B, Hkv, Lk, Dv], computed in fp32 (fp64 for fp64 input).
+
+    - Grouped-query attention: Hq is a multiple of Hkv; query head h reads KV head
+      h // (Hq // Hkv). K/V are never repeated in memory by the kernels.
+    - `mask` broadcasts to [B, Hq, Lq, Lk]: boolean means True = attend (SDPA convention); a
+      float mask is added to the scaled scores.
+    - `is_causal`: bottom-right aligned, query i attends keys j <= i + (Lk - Lq), so a chunk of
+      new queries at the end of a longer cache sees the whole past (chunked prefill, decode).
+      With Lq == Lk this is the usual lower-triangular mask.
+    - Rows where every key is masked give 0 (as SDPA gives them), not NaN.
+    - `scale` defaults to 1/sqrt(D). The result is contiguous [B, Hq, Lq, Dv] in q's dtype.
+    """
+    _, hq, lq, d = q.shape
+    hkv, lk = k.shape[1], k.shape[2]
+    cdt = compute_dtype(q.dtype)
+    scale = d**-0.5 if scale is None else scale
+    group = hq // hkv
+    kf = k.to(cdt).repeat_interleave(group, dim=1)
+    vf = v.to(cdt).repeat_interleave(group, dim=1)
+    s = (q.to(cdt) @ kf.transpose(-1, -2)) * scale
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.to(cdt)
+    if is_causal:
+        rows = torch.arange(lq, device=q.device)[:, None] + (lk - lq)
+        s = s.masked_fill(torch.arange(lk, device=q.device)[None, :] > rows, float("-inf"))
+    p = torch.softmax(s, -1).nan_to_num(0.0)  # fully masked rows: 0/0 -> 0
+    # nan_to_num would also hide NaNs from NaN inputs; keep those visible.
+    p = torch.where(torch.isnan(s).any(-1, keepdim=True), float("nan"), p)
+    return (p @ vf).to(q.dtype).contiguous()

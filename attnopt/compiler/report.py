@@ -64,7 +64,7 @@ class CompileReport:
     def rejected(self) -> list[str]:
         return [r for p in self.passes for r in p.rejected]
 
-    def _record(self, pass_name: str) -> PassRecord:
+    def pass_record(self, pass_name: str) -> PassRecord:
         for p in self.passes:
             if p.name == pass_name:
                 return p
@@ -78,7 +78,7 @@ class CompileReport:
         if pass_name is None:
             before, after, label = self.passes[0].before, self.passes[-1].after, "pipeline"
         else:
-            rec = self._record(pass_name)
+            rec = self.pass_record(pass_name)
             before, after, label = rec.before, rec.after, rec.name
         return "\n".join(difflib.unified_diff(
             before, after, f"graph{self.graph_id} before {label}",

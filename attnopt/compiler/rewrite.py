@@ -6,9 +6,13 @@ from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 import torch.fx as fx
 
+from attnopt.compiler.graph import insert_call
 from attnopt.compiler.pattern import Rule, erase_unused, root_targets
+
+aten = torch.ops.aten
 
 
 class PatternPass:
@@ -43,7 +47,7 @@ class PatternPass:
                     refusal = refusal or reason
                     continue
                 with graph.inserting_before(node):
-                    new = rule.rewrite(match, graph, ctx)
+                    new = _same_layout(graph, rule.rewrite(match, graph, ctx), node)
                 new.meta.setdefault("stack_trace", node.meta.get("stack_trace"))
                 new.meta["attnopt_rule"] = f"{self.name}.{rule.name}"
                 node.replace_all_uses_with(new)
@@ -53,4 +57,21 @@ class PatternPass:
             else:
                 if refusal:
                     ctx.reject(node, refusal)
+        if rewrites:
+            # Producers only the replaced nodes read (a mask's where(), say) are dead now.
+            graph.eliminate_dead_code()
         return rewrites
+
+
+def _same_layout(graph: fx.Graph, new: fx.Node, old: fx.Node) -> fx.Node:
+    """Downstream views were traced against the replaced node's strides (SDPA's flash kernels
+    return [B, H, L, D] laid out as [B, L, H, D], say), so a replacement with other strides gets
+    copied into the old layout."""
+    before, after = old.meta.get("val"), new.meta.get("val")
+    if not isinstance(before, torch.Tensor) or not isinstance(after, torch.Tensor):
+        return new
+    if before.stride() == after.stride() or before.numel() <= 1:
+        return new
+    buffer = insert_call(graph, aten.empty_strided.default, (before.shape, before.stride()),
+                         {"dtype": before.dtype, "device": before.device})
+    return insert_call(graph, aten.copy.default, (buffer, new))

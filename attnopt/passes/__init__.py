@@ -6,7 +6,8 @@ every attention), and quantization after linear fusion.
 
 from __future__ import annotations
 
+from attnopt.passes.attention import attention_pass
 from attnopt.passes.softmax import softmax_pass
 
-PIPELINE = (softmax_pass,)
+PIPELINE = (attention_pass, softmax_pass)
 PASS_NAMES = tuple(p.name for p in PIPELINE)

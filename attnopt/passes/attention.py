@@ -1,0 +1,138 @@
+"""attention: attention becomes one `attnopt::attention` (flash attention in Triton on GPU).
+
+What it matches so far, the calls that are already fused — what transformers emits with
+attn_implementation="sdpa" and what Dynamo makes of F.scaled_dot_product_attention:
+
+    scaled_dot_product_attention(q, k, v, mask, dropout_p=0, is_causal, scale, enable_gqa)
+    getitem(_scaled_dot_product_{flash_attention_for_cpu, flash_attention,
+                                 efficient_attention, cudnn_attention, attention_math}(...), 0)
+
+K/V with fewer heads than Q (GQA, MQA) are passed as they are, and transformers' repeat_kv
+(expand + clone + reshape) in front of K and V is folded away: the kernel indexes the KV head,
+so no repeated copy of the cache is made.
+A boolean mask that SDPA's decomposition turned into where(mask, 0, -inf) is read as the
+boolean it was. The written-out spellings (matmul, softmax, matmul) are not matched yet.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+
+import torch
+import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+from attnopt.backends import ops  # noqa: F401  (registers torch.ops.attnopt.*)
+from attnopt.compiler.graph import insert_call
+from attnopt.compiler.pattern import ANY, Call, Capture, Literal, Match, Rule, is_tensor_node
+from attnopt.compiler.rewrite import PatternPass
+
+aten = torch.ops.aten
+
+def repeat_kv(name: str) -> Call:
+    """transformers' repeat_kv: x[:, :, None].expand(B, Hkv, n_rep, L, D).reshape(B, Hkv*n_rep,
+    L, D), a copy of K or V per query head. Matched so the kernel reads x itself."""
+    x = Capture(name, where=is_tensor_node())
+    expanded = Call(aten.expand.default, Call(aten.unsqueeze.default, x, 2),
+                    Literal(f"{name}_expand"))
+    # With one KV head the reshape is a view of the expand (stride 0), so there is no clone.
+    copied = Call(aten.clone.default, expanded, memory_format=ANY) | expanded
+    return Call((aten._unsafe_view.default, aten.view.default, aten.reshape.default), copied,
+                Literal(f"{name}_repeated_shape"))
+
+
+q = Capture("q", where=is_tensor_node())
+k, v = (repeat_kv(n) | Capture(n, where=is_tensor_node()) for n in "kv")
+mask = Capture("mask", where=is_tensor_node())
+dropout = Literal("dropout_p")
+causal = Literal("is_causal", where=lambda c: isinstance(c, bool))
+scale = Literal("scale")
+
+sdpa = Call(aten.scaled_dot_product_attention.default, q, k, v, attn_mask=mask | None,
+            dropout_p=dropout, is_causal=causal, scale=scale, enable_gqa=ANY)
+
+
+def _first_output(op: object, **kwargs: object) -> Call:
+    return Call(operator.getitem, Call(op, q, k, v, **kwargs), 0)
+
+
+sdpa_backends = (
+    _first_output(aten._scaled_dot_product_flash_attention_for_cpu.default, dropout_p=dropout,
+                  is_causal=causal, attn_mask=mask | None, scale=scale)
+    | _first_output(aten._scaled_dot_product_flash_attention.default, dropout_p=dropout,
+                    is_causal=causal, return_debug_mask=False, scale=scale)
+    | _first_output(aten._scaled_dot_product_efficient_attention.default, attn_bias=mask | None,
+                    compute_log_sumexp=ANY, dropout_p=dropout, is_causal=causal, scale=scale)
+    | _first_output(aten._scaled_dot_product_cudnn_attention.default, attn_bias=mask | None,
+                    compute_log_sumexp=ANY, dropout_p=dropout, is_causal=causal,
+                    return_debug_mask=False, scale=scale)
+    | _first_output(aten._scaled_dot_product_attention_math.default, attn_mask=mask | None,
+                    dropout_p=dropout, is_causal=causal, dropout_mask=None, scale=scale,
+                    enable_gqa=ANY)
+)
+
+
+def _val(node: fx.Node) -> torch.Tensor:
+    return node.meta["val"]
+
+
+def _repeat_problem(m: Match, name: str) -> str | None:
+    if f"{name}_expand" not in m.captures:
+        return None
+    b, hkv, length, d = _val(m[name]).shape
+    sizes, out = m[f"{name}_expand"], m[f"{name}_repeated_shape"]
+    if len(sizes) != 5 or len(out) != 4:
+        return f"{name} is expanded to {sizes}: not repeat_kv"
+    rep = sizes[2]
+    same = [sizes[0], sizes[1], sizes[3], sizes[4]] == [b, hkv, length, d] and list(out) == [
+        b, hkv * rep, length, d]
+    return None if same else f"{name} expand {sizes} / reshape {out} is not repeat_kv"
+
+
+def check(m: Match) -> str | None:
+    for name in "kv":
+        if reason := _repeat_problem(m, name):
+            return reason
+    if m["dropout_p"] != 0.0:
+        return f"dropout_p={m['dropout_p']}: attention with dropout (training) is left to ATen"
+    qv, kv, vv = _val(m["q"]), _val(m["k"]), _val(m["v"])
+    if not (qv.dim() == kv.dim() == vv.dim() == 4):
+        return f"q/k/v of rank {qv.dim()}/{kv.dim()}/{vv.dim()}; the op takes [B, H, L, D]"
+    if not statically_known_true(qv.shape[1] % kv.shape[1] == 0):
+        return f"{qv.shape[1]} query heads are not a multiple of {kv.shape[1]} KV heads"
+    if m["is_causal"] and not statically_known_true(qv.shape[2] == kv.shape[2]):
+        return ("is_causal with q_len != kv_len: SDPA aligns the mask top-left, "
+                "attnopt::attention bottom-right")
+    if m.get("mask") is not None:
+        mv = _val(m["mask"])
+        target = (qv.shape[0], qv.shape[1], qv.shape[2], kv.shape[2])
+        if mv.dim() > 4 or torch.broadcast_shapes(mv.shape, target) != torch.Size(target):
+            return f"mask of shape {list(mv.shape)} does not broadcast to {list(target)}"
+    return None
+
+
+def _boolean_source(mask: fx.Node) -> fx.Node | None:
+    """The boolean behind where(b, 0, -inf) — how SDPA's decomposition spells a bool mask."""
+    if mask.target is not aten.where.self or not is_tensor_node(
+            lambda d: d == torch.bool)(mask.args[0]):
+        return None
+    fills = [a.args[0] if isinstance(a, fx.Node) and a.target is aten.scalar_tensor.default
+             else None for a in mask.args[1:]]
+    return mask.args[0] if fills == [0.0, -math.inf] else None
+
+
+def rewrite(m: Match, graph: fx.Graph, ctx) -> fx.Node:
+    head_dim = _val(m["q"]).shape[-1]
+    scale_value = m["scale"] if m["scale"] is not None else 1.0 / math.sqrt(head_dim)
+    attn_mask = m.get("mask")
+    if attn_mask is not None:
+        attn_mask = _boolean_source(attn_mask) or attn_mask
+    return insert_call(graph, torch.ops.attnopt.attention.default, (
+        m["q"], m["k"], m["v"], attn_mask, m["is_causal"], float(scale_value),
+    ), {"impl": ctx.options.kernels})
+
+
+attention_pass = PatternPass("attention", counts_as="attention", rules=[
+    Rule("sdpa", sdpa | sdpa_backends, rewrite, check),
+])

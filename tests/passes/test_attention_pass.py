@@ -1,0 +1,112 @@
+"""The attention pass on fused SDPA calls: each spelling becomes one attnopt::attention that
+matches eager (fp32 and 16-bit, masks, causal, GQA); near misses stay with a reason."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import attnopt
+from attnopt.compiler.options import Options
+from attnopt.compiler.pipeline import PassContext
+from attnopt.passes.attention import attention_pass
+from attnopt.testing import assert_matches_eager
+from tests.graphs import aten_graph, ops
+
+Q = torch.randn(2, 4, 8, 16)
+K = torch.randn(2, 4, 8, 16)
+V = torch.randn(2, 4, 8, 16)
+BOOL = torch.rand(2, 1, 8, 8) > 0.3
+ADD = torch.randn(2, 1, 8, 8)
+INPUTS = (Q, K, V, BOOL, ADD)
+
+SPELLINGS = {
+    "plain": lambda q, k, v, b, a: F.scaled_dot_product_attention(q, k, v),
+    "causal": lambda q, k, v, b, a: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+    "scale": lambda q, k, v, b, a: F.scaled_dot_product_attention(q, k, v, scale=0.3),
+    "bool_mask": lambda q, k, v, b, a: F.scaled_dot_product_attention(q, k, v, attn_mask=b),
+    "float_mask": lambda q, k, v, b, a: F.scaled_dot_product_attention(q, k, v, attn_mask=a),
+    "gqa": lambda q, k, v, b, a: F.scaled_dot_product_attention(
+        q, k[:, :2], v[:, :2], attn_mask=b, enable_gqa=True),
+    "mqa_causal": lambda q, k, v, b, a: F.scaled_dot_product_attention(
+        q, k[:, :1], v[:, :1], is_causal=True, enable_gqa=True),
+}
+
+
+def run_pass(gm):
+    ctx = PassContext(Options.parse({}), training=False, frozen=True)
+    n = attention_pass.apply(gm, ctx)
+    gm.graph.lint()
+    gm.recompile()
+    return n, ctx.rejected
+
+
+@pytest.mark.parametrize("name", SPELLINGS)
+def test_each_sdpa_spelling_becomes_one_op(name):
+    gm = aten_graph(SPELLINGS[name], *INPUTS)
+    assert run_pass(gm) == (1, [])
+    assert [o for o in ops(gm) if "attention" in o] == ["attnopt.attention"]
+    assert "aten.where.self" not in ops(gm)  # a bool mask is read as the bool it was
+    torch.testing.assert_close(gm(*INPUTS), SPELLINGS[name](*INPUTS))
+
+
+@pytest.mark.parametrize("kernels", ["auto", "reference", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", ["causal", "gqa", "float_mask"])
+def test_end_to_end_matches_eager(name, dtype, kernels):
+    if kernels == "triton":
+        pytest.importorskip("attnopt.backends.triton.attention")
+
+    class Attn(torch.nn.Module):
+        def forward(self, q, k, v, b, a):
+            return SPELLINGS[name](q, k, v, b, a)
+
+    with torch.no_grad():
+        (report,) = assert_matches_eager(
+            Attn(), (*(t.to(dtype) for t in (Q, K, V)), BOOL, ADD.to(dtype)),
+            options={"inner": "eager", "kernels": kernels},
+            rtol=1.6e-2 if dtype == torch.bfloat16 else None,
+            atol=1.6e-2 if dtype == torch.bfloat16 else None)
+    assert report.counts["attention"] == 1
+
+
+def test_causal_with_unequal_lengths_is_refused_with_reason():
+    fn = lambda q, k, v: F.scaled_dot_product_attention(q[:, :, :3], k, v, is_causal=True)
+    gm = aten_graph(fn, Q, K, V)
+    n, rejected = run_pass(gm)
+    assert n == 0 and len(rejected) == 1
+    assert "is_causal with q_len != kv_len: SDPA aligns the mask top-left" in rejected[0]
+
+
+def test_dropout_is_refused_with_reason():
+    g = torch.fx.Graph()
+    q, k, v = (g.placeholder(n) for n in "qkv")
+    for node, t in zip((q, k, v), (Q, K, V), strict=True):
+        node.meta["val"] = t
+    out = g.call_function(torch.ops.aten.scaled_dot_product_attention.default, (q, k, v),
+                          {"dropout_p": 0.1}, name="sdpa")
+    g.output(out)
+    gm = torch.fx.GraphModule(torch.nn.Module(), g)
+    n, rejected = run_pass(gm)
+    assert n == 0
+    assert rejected == ["sdpa: dropout_p=0.1: attention with dropout "
+                        "(training) is left to ATen"]
+
+
+def test_training_keeps_sdpa_whose_logsumexp_feeds_backward():
+    q, k, v = (t.clone().requires_grad_() for t in (Q, K, V))
+    compiled = torch.compile(SPELLINGS["causal"], backend="attnopt", options={"inner": "eager"})
+    compiled(q, k, v, BOOL, ADD).sum().backward()
+    (report,) = attnopt.reports()
+    ref = [t.clone().requires_grad_() for t in (Q, K, V)]
+    SPELLINGS["causal"](*ref, BOOL, ADD).sum().backward()
+    for got, want in zip((q, k, v), ref, strict=True):
+        torch.testing.assert_close(got.grad, want.grad)
+    assert report.counts["attention"] == 0
+    assert any("also used by" in r for r in report.rejected)
+
+
+def test_op_is_differentiable():
+    q, k, v = (t.double().requires_grad_() for t in (Q, K, V))
+    torch.autograd.gradcheck(
+        lambda q, k, v: torch.ops.attnopt.attention(q, k[:, :2], v[:, :2], ADD.double(), True,
+                                                    0.3, "auto"), (q, k, v))
