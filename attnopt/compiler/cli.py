@@ -20,7 +20,7 @@ def _parser() -> argparse.ArgumentParser:
         "compile it with attnopt, and print the rewrites, the max error against eager PyTorch, "
         "and eager / torch.compile / attnopt timings.")
     demo.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
-    demo.add_argument("--seq", type=int, default=128, help="sequence length (default 128)")
+    demo.add_argument("--seq", type=int, default=512, help="sequence length (default 512)")
     demo.add_argument("--layers", type=int, default=2, help="decoder layers (default 2)")
     demo.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     demo.add_argument("--inner", choices=("inductor", "eager"), default="inductor",
