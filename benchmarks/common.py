@@ -13,11 +13,13 @@ import torch
 import torch.utils.benchmark as tbench
 
 
-def median_ms(fn: Callable[[], object], min_run_time: float = 0.5) -> float:
-    fn()  # compile / warm up outside the measurement
-    fn()
-    return tbench.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(
-        min_run_time=min_run_time).median * 1e3
+def median_ms(fn: Callable[..., object], *args: object, **kwargs: object) -> float:
+    """Median milliseconds of fn(*args, **kwargs), after two untimed calls (compile, warm-up)."""
+    fn(*args, **kwargs)
+    fn(*args, **kwargs)
+    timer = tbench.Timer(stmt="fn(*args, **kwargs)",
+                         globals={"fn": fn, "args": args, "kwargs": kwargs})
+    return timer.blocked_autorange(min_run_time=0.5).median * 1e3
 
 
 def environment() -> dict[str, str]:

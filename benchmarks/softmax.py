@@ -41,12 +41,12 @@ def main() -> None:
 
     def variants(scores: torch.Tensor, mask: torch.Tensor, scale: float) -> dict[str, float]:
         return {
-            "torch.softmax": median_ms(lambda: torch.softmax(scores, -1)),
-            "eager form": median_ms(lambda: eager_form(scores, mask, scale)),
-            "inductor": median_ms(lambda: inductor(scores, mask, scale)),
-            "attnopt op": median_ms(lambda: torch.ops.attnopt.softmax(
-                scores, -1, scale, mask, None, float("-inf"))),
-            "attnopt backend": median_ms(lambda: via_backend(scores, mask, scale)),
+            "torch.softmax": median_ms(torch.softmax, scores, -1),
+            "eager form": median_ms(eager_form, scores, mask, scale),
+            "inductor": median_ms(inductor, scores, mask, scale),
+            "attnopt op": median_ms(torch.ops.attnopt.softmax, scores, -1, scale, mask, None,
+                                    float("-inf")),
+            "attnopt backend": median_ms(via_backend, scores, mask, scale),
         }
 
     rows = []
