@@ -75,3 +75,16 @@ def test_minilm_real_weights_inductor():
         reports = assert_matches_eager(model, dict(batch), options={"inner": "inductor"},
                                        rtol=1e-4, atol=1e-4)
     assert sum(r.counts["attention"] for r in reports) == model.config.num_hidden_layers
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_vit_every_attention_rewritten(impl):
+    config = transformers.ViTConfig(
+        hidden_size=64, num_hidden_layers=LAYERS, num_attention_heads=4, intermediate_size=128,
+        image_size=32, patch_size=8, attn_implementation=impl)
+    torch.manual_seed(0)
+    model = transformers.ViTModel(config).eval()
+    with torch.no_grad():
+        reports = assert_matches_eager(model, {"pixel_values": torch.randn(2, 3, 32, 32)},
+                                       options={"inner": "eager"})
+    assert sum(r.counts["attention"] for r in reports) == LAYERS
