@@ -54,6 +54,16 @@ def test_every_attention_rewritten_gqa_unrepeated_outputs_match(name, impl):
     assert all(not p.error and not p.rejected for r in reports for p in r.passes)
 
 
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_no_padding_mask_means_causal_flag_and_no_mask_tensor(impl):
+    model = build("llama", impl)
+    with torch.no_grad():
+        reports = assert_matches_eager(model, {"input_ids": inputs()["input_ids"]},
+                                       options={"inner": "eager"})
+    lines = [line for r in reports for line in r.passes[-1].after if "attnopt.attention(" in line]
+    assert len(lines) == LAYERS and all(", None, True, " in line for line in lines)
+
+
 @pytest.mark.parametrize("name", ["llama", "bert"])
 def test_bfloat16_eager_attention(name):
     model = build(name, "eager").to(torch.bfloat16)

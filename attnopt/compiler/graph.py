@@ -3,6 +3,7 @@ graph as one readable line per node (what the diff and the HTML report show)."""
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterable
 from typing import Any
 
@@ -87,3 +88,35 @@ def node_names(lines: Iterable[str]) -> set[str]:
 
 def count_ops(graph: fx.Graph) -> int:
     return sum(1 for n in graph.nodes if n.op == "call_function")
+
+
+def constant_value(node: fx.Node, max_nodes: int = 64) -> torch.Tensor | None:
+    """The value of `node` when it depends on no graph input (a causal mask built from arange
+    and comparisons, say), computed for real. None when it reads an input, has symbolic shapes,
+    calls something other than an ATen op, or takes more than `max_nodes` nodes."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    seen: set[fx.Node] = set()
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        val = n.meta.get("val")
+        if (n.op == "placeholder" or len(seen) > max_nodes
+                or (n.op == "call_function" and not isinstance(n.target, torch._ops.OpOverload))
+                or (isinstance(val, torch.Tensor)
+                    and not all(isinstance(d, int) for d in val.shape))):
+            return None
+        stack.extend(n.all_input_nodes)
+    position = {n: i for i, n in enumerate(node.graph.nodes)}
+    env: dict[fx.Node, Any] = {}
+    with unset_fake_temporarily():
+        for n in sorted(seen, key=position.__getitem__):
+            if n.op == "get_attr":
+                env[n] = operator.attrgetter(n.target)(node.graph.owning_module)
+            else:
+                args, kwargs = fx.node.map_arg((n.args, n.kwargs), env.__getitem__)
+                env[n] = n.target(*args, **kwargs)
+    return env[node]

@@ -11,7 +11,9 @@ K/V with fewer heads than Q (GQA, MQA) are passed as they are, and transformers'
 (expand + clone + reshape) in front of K and V is folded away: the kernel indexes the KV head,
 so no repeated copy of the cache is made.
 A boolean mask that SDPA's decomposition turned into where(mask, 0, -inf) is read as the
-boolean it was.
+boolean it was, and a mask that is a compile-time constant equal to the causal pattern (what
+transformers builds from arange when there is no padding) becomes the is_causal flag: the
+kernel skips the blocks above the diagonal and reads no mask at all.
 
 And attention written out, as transformers' eager implementations and hand-written modules do:
 
@@ -30,10 +32,11 @@ import operator
 
 import torch
 import torch.fx as fx
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from attnopt.backends import ops  # noqa: F401  (registers torch.ops.attnopt.*)
-from attnopt.compiler.graph import insert_call
+from attnopt.compiler.graph import constant_value, insert_call
 from attnopt.compiler.pattern import (
     ANY,
     Call,
@@ -142,14 +145,46 @@ def _boolean_source(mask: fx.Node) -> fx.Node | None:
     return mask.args[0] if fills == [0.0, -math.inf] else None
 
 
+def is_standard_causal(mask: fx.Node, q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether `mask` is a constant equal to the causal pattern: query i attends exactly keys
+    j <= i + Lk - Lq (a boolean True there, or an additive 0 there and a value at or below
+    half the dtype's minimum elsewhere, which exp() turns into exactly 0 in every row that
+    keeps its diagonal). Then the kernel needs the flag, not the tensor."""
+    if "attnopt_causal" not in mask.meta:
+        mask.meta["attnopt_causal"] = _evaluate_causal(mask, q.shape[-2], k.shape[-2])
+    return mask.meta["attnopt_causal"]
+
+
+def _evaluate_causal(mask: fx.Node, lq: int, lk: int) -> bool:
+    if not isinstance(lq, int) or not isinstance(lk, int):
+        return False
+    value = constant_value(mask)
+    if value is None or value.dim() > 4 or value.shape[-2:] != (lq, lk):
+        return False
+    with unset_fake_temporarily():  # passes run inside the compile's fake mode
+        keep = torch.ones(lq, lk, dtype=torch.bool, device=value.device).tril(lk - lq)
+        if value.dtype == torch.bool:
+            return bool((value == keep).all())
+        floor = torch.finfo(value.dtype).min / 2
+        return bool(((value == 0) == keep).all() and (value[..., ~keep] <= floor).all())
+
+
+def _mask_or_causal(attn_mask: fx.Node | None, is_causal: bool, m: Match) -> tuple:
+    if attn_mask is not None and not is_causal and is_standard_causal(
+            attn_mask, _val(m["q"]), _val(m["k"])):
+        return None, True
+    return attn_mask, is_causal
+
+
 def rewrite(m: Match, graph: fx.Graph, ctx) -> fx.Node:
     head_dim = _val(m["q"]).shape[-1]
     scale_value = m["scale"] if m["scale"] is not None else 1.0 / math.sqrt(head_dim)
     attn_mask = m.get("mask")
     if attn_mask is not None:
         attn_mask = _boolean_source(attn_mask) or attn_mask
+    attn_mask, is_causal = _mask_or_causal(attn_mask, m["is_causal"], m)
     return insert_call(graph, torch.ops.attnopt.attention.default, (
-        m["q"], m["k"], m["v"], attn_mask, m["is_causal"], float(scale_value),
+        m["q"], m["k"], m["v"], attn_mask, is_causal, float(scale_value),
     ), {"impl": ctx.options.kernels})
 
 
@@ -217,8 +252,9 @@ def rewrite_written_out(m: Match, graph: fx.Graph, ctx) -> fx.Node:
         if "bias" in m.captures:  # both: an additive mask that is -inf where the bool one says
             attn_mask = insert_call(graph, aten.where.ScalarOther,
                                     (attn_mask, m["bias"], -math.inf))
+    attn_mask, is_causal = _mask_or_causal(attn_mask, False, m)
     return insert_call(graph, torch.ops.attnopt.attention.default, (
-        m["q"], m["k"], m["v"], attn_mask, False, scale), {"impl": ctx.options.kernels})
+        m["q"], m["k"], m["v"], attn_mask, is_causal, scale), {"impl": ctx.options.kernels})
 
 
 attention_pass = PatternPass("attention", counts_as="attention", rules=[

@@ -197,3 +197,61 @@ def test_written_out_16_bit_end_to_end(dtype):
             Attn(), (*(t.to(dtype) for t in (Q, K, V)), BOOL, ADD.to(dtype)),
             options={"inner": "eager", "kernels": "triton"}, rtol=2e-2, atol=2e-2)
     assert report.counts["attention"] == 1 and report.counts["softmax"] == 0
+
+
+# --- a constant causal mask becomes the flag -----------------------------------------------
+
+def masked_by_arange(q, k, v, offset=0, window=None):
+    lq, lk = q.shape[-2], k.shape[-2]
+    rows = torch.arange(lq)[:, None] + (lk - lq) + offset
+    cols = torch.arange(lk)[None, :]
+    keep = cols <= rows
+    if window is not None:
+        keep = keep & (cols > rows - window)
+    bias = torch.where(keep, 0.0, torch.finfo(q.dtype).min)[None, None]
+    return torch.softmax(q @ k.transpose(-1, -2) * 0.25 + bias, -1) @ v
+
+
+def causal_from_arange(q, k, v, b, a):
+    return masked_by_arange(q, k, v)
+
+
+def attention_node(gm):
+    (node,) = [n for n in gm.graph.nodes if "attnopt.attention" in str(n.target)]
+    return node
+
+
+def test_constant_causal_mask_becomes_is_causal():
+    gm = aten_graph(causal_from_arange, *INPUTS)
+    assert run_pass(gm) == (1, [])
+    node = attention_node(gm)
+    assert node.args[3] is None and node.args[4] is True
+    assert not [o for o in ops(gm) if o in ("aten.arange", "aten.where.self")]  # mask gone
+    torch.testing.assert_close(gm(*INPUTS), causal_from_arange(*INPUTS))
+
+
+def test_chunked_prefill_causal_is_bottom_right():
+    short_q = Q[:, :, :3]
+    fn = causal_from_arange
+    gm = aten_graph(fn, short_q, K, V, BOOL, ADD)
+    assert run_pass(gm) == (1, [])
+    assert attention_node(gm).args[4] is True
+    torch.testing.assert_close(gm(short_q, K, V, BOOL, ADD), fn(short_q, K, V, BOOL, ADD))
+
+
+@pytest.mark.parametrize("kind", ["window", "shifted"])
+def test_other_constant_masks_stay_tensors(kind):
+    kw = {"window": 3} if kind == "window" else {"offset": -1}
+    fn = lambda q, k, v, b, a: masked_by_arange(q, k, v, **kw)
+    gm = aten_graph(fn, *INPUTS)
+    assert run_pass(gm) == (1, [])
+    node = attention_node(gm)
+    assert node.args[3] is not None and node.args[4] is False
+    if kind == "window":  # "shifted" leaves row 0 without keys: NaN in eager, 0 here
+        torch.testing.assert_close(gm(*INPUTS), fn(*INPUTS))
+
+
+def test_mask_that_reads_an_input_stays_a_tensor():
+    gm = aten_graph(WRITTEN["additive_mask"], *INPUTS)
+    run_pass(gm)
+    assert attention_node(gm).args[3] is not None
