@@ -17,7 +17,7 @@ kernel skips the blocks above the diagonal and reads no mask at all.
 
 And attention written out, as transformers' eager implementations and hand-written modules do:
 
-    matmul(softmax_chain(matmul([q * s], kᵀ)), v)
+    matmul(softmax_chain(matmul([q * s], [k * s]ᵀ)), v)
 
 with every spelling of the softmax chain the softmax pass knows (scale, additive mask,
 masked_fill/where with -inf, fp32 upcast and cast back, _safe_softmax, decomposed) and the same
@@ -206,8 +206,9 @@ def flat_matmul(a: Pattern, b: Pattern, name: str) -> Pattern:
 _VIEWS = (aten.view.default, aten._unsafe_view.default, aten.reshape.default)
 
 q_scaled = Call(aten.mul.Tensor, q, Literal("q_scale", where=is_number), commutative=True) | q
-k_transposed = (Call(aten.transpose.int, k, Literal("kt_dim0"), Literal("kt_dim1"))
-                | Call(aten.permute.default, k, Literal("kt_perm")))
+k_scaled = Call(aten.mul.Tensor, k, Literal("k_scale", where=is_number), commutative=True) | k
+k_transposed = (Call(aten.transpose.int, k_scaled, Literal("kt_dim0"), Literal("kt_dim1"))
+                | Call(aten.permute.default, k_scaled, Literal("kt_perm")))
 written_out = flat_matmul(softmax_of(flat_matmul(q_scaled, k_transposed, "scores")), v, "out")
 
 
@@ -244,7 +245,7 @@ def check_written_out(m: Match) -> str | None:
 
 
 def rewrite_written_out(m: Match, graph: fx.Graph, ctx) -> fx.Node:
-    scale = softmax_scale(m) * float(m.get("q_scale", 1.0))
+    scale = softmax_scale(m) * float(m.get("q_scale", 1.0)) * float(m.get("k_scale", 1.0))
     attn_mask = m.get("bias")
     if "mask" in m.captures:  # the kernel's boolean mask marks keys to attend
         attn_mask = m["mask"] if "masked_keep" in m.captures else insert_call(

@@ -142,6 +142,8 @@ WRITTEN = {
         (q @ k.transpose(-1, -2) * 0.25).masked_fill(~b, float("-inf")), -1) @ v,
     "decomposed_softmax": lambda q, k, v, b, a: (lambda e: e / e.sum(-1, keepdim=True))(
         torch.exp((s := q @ k.transpose(-1, -2) * 0.25) - s.amax(-1, keepdim=True))) @ v,
+    "sqrt_scale_both": lambda q, k, v, b, a: torch.softmax(
+        (q * 0.5) @ (k * 0.5).transpose(-1, -2), -1) @ v,
     "permute_k": lambda q, k, v, b, a: torch.softmax(q @ k.permute(0, 1, 3, 2) * 0.25, -1) @ v,
     "gqa_repeat_kv": lambda q, k, v, b, a: torch.softmax(
         q @ repeat_kv(k[:, :2], 2).transpose(2, 3) * 0.25 + a, -1) @ repeat_kv(v[:, :2], 2),
