@@ -17,7 +17,7 @@ import math
 import torch
 from torch import Tensor
 
-from attnopt.backends import reference
+from attnopt.backends import int4_cpu, reference
 from attnopt.backends.triton import HAVE_TRITON, interpreting
 
 IMPLS = ("auto", "triton", "reference")
@@ -202,6 +202,37 @@ def _attention_backward(ctx, grad):
 
 
 attention.register_autograd(_attention_backward, setup_context=_attention_setup)
+
+
+# --- w4a16 linear ------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("attnopt::w4a16_linear", mutates_args=())
+def w4a16_linear(
+    x: Tensor,
+    qweight: Tensor,
+    scales: Tensor,
+    zeros: Tensor,
+    bias: Tensor | None,
+    group_size: int,
+    impl: str = "auto",
+) -> Tensor:
+    """x @ Wᵀ + bias with W the packed int4 weight of `backends.int4`; `reference.w4a16_linear`.
+    x is [..., K] in fp16/bf16 (fp32 is accepted); the result has x's dtype and shape [..., N]."""
+    if _use_triton(impl, x):
+        from attnopt.backends.triton import w4a16 as kernel
+
+        out = kernel.w4a16_matmul(x.reshape(-1, x.shape[-1]), qweight, scales, zeros,
+                                  group_size, bias)
+        return out.view(*x.shape[:-1], out.shape[-1])
+    if impl == "reference":
+        return reference.w4a16_linear(x, qweight, scales, zeros, bias, group_size)
+    return int4_cpu.linear(x, qweight, scales, zeros, bias, group_size)
+
+
+@w4a16_linear.register_fake
+def _(x, qweight, scales, zeros, bias, group_size, impl="auto"):
+    return x.new_empty((*x.shape[:-1], qweight.shape[0]))
 
 
 # --- handing CPU paths to Inductor ------------------------------------------------------------

@@ -88,3 +88,14 @@ def attention(
     # nan_to_num would also hide NaNs from NaN inputs; keep those visible.
     p = torch.where(torch.isnan(s).any(-1, keepdim=True), float("nan"), p)
     return (p @ vf).to(q.dtype).contiguous()
+
+
+def w4a16_linear(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, bias: Tensor | None,
+                 group_size: int) -> Tensor:
+    """x @ dequantize(W)ᵀ + bias in fp32, returned in x's dtype. `dequantize` is exact in fp32
+    (a 4-bit code times a 16-bit scale), so this is the float reference of the int4 weight."""
+    from attnopt.backends import int4
+
+    w = int4.dequantize(qweight, scales, zeros, group_size, x.shape[-1], torch.float32)
+    out = x.float() @ w.T
+    return (out if bias is None else out + bias.float()).to(x.dtype)

@@ -45,9 +45,6 @@ def attnopt_backend(
     _check_kernels(opts, example_inputs)
     report = CompileReport(graph_id=next_graph_id(), passes=[], options=opts.as_dict(),
                            inner=opts.inner)
-    if opts.quantize:
-        report.notes.append(f"quantize={opts.quantize!r} was requested, but this version has no "
-                            "quantization pass yet: linear layers are left as they are")
     passes = [p for p in PIPELINE if opts.passes is None or p.name in opts.passes]
 
     def compile_forward(aten: fx.GraphModule, args: list, training: bool, frozen: int) -> Callable:

@@ -14,6 +14,7 @@ Graphs that need gradients keep parameters as inputs and get no weight rewrites.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -41,13 +42,14 @@ def capture(
     training = needs_grad(example_inputs)
     weights = {} if training else {
         i: t.detach() for i, t in enumerate(example_inputs) if isinstance(t, torch.nn.Parameter)}
+    names = [parameter_name(n) for n in gm.graph.nodes if n.op == "placeholder"]
 
     def forward_compiler(aten: fx.GraphModule, args: list) -> Callable:
         placeholders = [n for n in aten.graph.nodes if n.op == "placeholder"]
         if len(placeholders) != len(example_inputs):  # AOTAutograd changed the calling convention
             return compile_forward(aten, args, training, 0)
         for i, tensor in weights.items():
-            _freeze(aten, placeholders[i], f"_frozen_weight_{i}", tensor)
+            _freeze(aten, placeholders[i], f"_frozen_weight_{i}", tensor, names[i])
         aten.recompile()
         keep = [i for i in range(len(args)) if i not in weights]
         compiled = compile_forward(aten, [args[i] for i in keep], training, len(weights))
@@ -59,11 +61,22 @@ def capture(
     )
 
 
-def _freeze(gm: fx.GraphModule, placeholder: fx.Node, name: str, tensor: torch.Tensor) -> None:
+def parameter_name(placeholder: fx.Node) -> str | None:
+    """`model.layers.0.q_proj.weight` for the Dynamo input that reads that parameter (what the
+    `skip` globs and the report name layers by); None for other inputs."""
+    source = getattr(placeholder.meta.get("grapharg"), "source", None)
+    path = re.findall(r"\.(?:_modules|_parameters|_buffers)\['([^']+)'\]", source.name) \
+        if source is not None else []
+    return ".".join(path) or None
+
+
+def _freeze(gm: fx.GraphModule, placeholder: fx.Node, name: str, tensor: torch.Tensor,
+            parameter: str | None) -> None:
     gm.register_buffer(name, tensor, persistent=False)
     with gm.graph.inserting_before(placeholder):
         const = gm.graph.get_attr(name)
     const.meta = dict(placeholder.meta)
+    const.meta["attnopt_parameter"] = parameter
     placeholder.replace_all_uses_with(const)
     gm.graph.erase_node(placeholder)
 

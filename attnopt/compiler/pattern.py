@@ -259,7 +259,7 @@ def _equal_literal(expected: Any, actual: Any) -> bool:
 
 
 RewriteFn = Callable[[Match, fx.Graph, Any], fx.Node]  # (match, graph, pass context)
-CheckFn = Callable[[Match], "str | None"]
+CheckFn = Callable[[Match, Any], "str | None"]  # (match, pass context)
 
 
 @dataclass
@@ -274,12 +274,12 @@ class Rule:
     check: CheckFn | None = None
     through: Callable[[fx.Node], bool] | None = None
 
-    def find(self, anchor: fx.Node) -> tuple[Match | None, str | None]:
+    def find(self, anchor: fx.Node, ctx: Any = None) -> tuple[Match | None, str | None]:
         """The longest match at `anchor` that is self-contained and passes `check`; else None and
         the reason the longest structural match was refused (None if nothing matched at all)."""
         first_reason = None
         for m in Matcher(self.through or _nothing).match(self.pattern, anchor):
-            reason = _containment_problem(m) or (self.check(m) if self.check else None)
+            reason = _containment_problem(m) or (self.check(m, ctx) if self.check else None)
             if reason is None:
                 return m, None
             first_reason = first_reason or reason

@@ -26,15 +26,22 @@ class PassContext:
     training: bool  # a forward graph whose saved tensors feed a backward graph
     frozen: bool  # weights are constants in the graph (inference graphs only)
     rejected: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     def reject(self, node: fx.Node, reason: str) -> None:
         self.rejected.append(f"{node.name}: {reason}")
+
+    def note(self, text: str) -> None:
+        self.notes.append(text)
 
 
 class GraphPass(Protocol):
     name: str
     counts_as: str  # the CompileReport.counts key its rewrites add to
     needs_frozen_weights: bool  # weight rewrites run only on inference graphs
+
+    def not_applicable(self, options: Options) -> str | None:
+        """Why the options turn this pass off (quantize not requested, say), or None."""
 
     def apply(self, gm: fx.GraphModule, ctx: PassContext) -> int: ...
 
@@ -50,7 +57,9 @@ def run_pipeline(
         nodes_before = count_ops(gm.graph)
         start = time.perf_counter()
         rewrites, error = 0, None
-        if p.needs_frozen_weights and not frozen:
+        if reason := p.not_applicable(options):
+            ctx.rejected.append(f"skipped: {reason}")
+        elif p.needs_frozen_weights and not frozen:
             ctx.rejected.append("skipped: weights are not frozen (a training graph)")
         else:
             saved = _snapshot(gm)
@@ -67,6 +76,7 @@ def run_pipeline(
         records.append(PassRecord(
             name=p.name, rewrites=rewrites, rejected=ctx.rejected, nodes_before=nodes_before,
             nodes_after=count_ops(gm.graph), seconds=time.perf_counter() - start, error=error,
+            notes=ctx.notes if error is None else [],
             counts_as=p.counts_as, before=before, after=render(gm.graph),
         ))
     return records

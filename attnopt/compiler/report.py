@@ -25,6 +25,7 @@ class PassRecord:
     nodes_after: int
     seconds: float
     error: str | None = None
+    notes: list[str] = field(default_factory=list)  # what the pass measured (layer errors, say)
     counts_as: str | None = field(default=None, repr=False)
     before: list[str] = field(default_factory=list, repr=False)  # rendered graph
     after: list[str] = field(default_factory=list, repr=False)
@@ -36,7 +37,8 @@ class PassRecord:
 
     def as_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in
-                ("name", "rewrites", "rejected", "nodes_before", "nodes_after", "seconds", "error")}
+                ("name", "rewrites", "rejected", "nodes_before", "nodes_after", "seconds", "error",
+                 "notes")}
 
 
 @dataclass
@@ -93,6 +95,7 @@ class CompileReport:
             lines.append(f"  {p.name}: {status}, nodes {p.nodes_before} -> {p.nodes_after}, "
                          f"{p.seconds * 1e3:.1f} ms")
             lines += [f"    rejected {r}" for r in p.rejected]
+            lines += [f"    {n}" for n in p.notes]
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
 
@@ -200,6 +203,9 @@ def _html(r: CompileReport) -> str:
         if p.rejected:
             items = "".join(f"<li>{html.escape(x)}</li>" for x in p.rejected)
             body.append(f"<p>Rejected candidates:</p><ul class='rej'>{items}</ul>")
+        if p.notes:
+            items = "".join(f"<li>{html.escape(x)}</li>" for x in p.notes)
+            body.append(f"<p>Notes:</p><ul>{items}</ul>")
         if removed or added:
             body.append("<h3>changes</h3>" + _diff_block(r.diff(p.name)))
             body.append(

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 import torch.fx as fx
 
 from attnopt.compiler.graph import insert_call
+from attnopt.compiler.options import Options
 from attnopt.compiler.pattern import Rule, erase_unused, root_targets
 
 aten = torch.ops.aten
@@ -21,9 +22,11 @@ class PatternPass:
     indexed by their anchor's target: one sweep, linear in graph size."""
 
     def __init__(self, name: str, counts_as: str, rules: Sequence[Rule],
-                 needs_frozen_weights: bool = False) -> None:
+                 needs_frozen_weights: bool = False,
+                 applies: Callable[[Options], str | None] = lambda options: None) -> None:
         self.name, self.counts_as, self.rules = name, counts_as, tuple(rules)
         self.needs_frozen_weights = needs_frozen_weights
+        self.not_applicable = applies
         self._index: dict[Any, list[Rule]] = defaultdict(list)
         for rule in self.rules:
             for target in dict.fromkeys(root_targets(rule.pattern)):
@@ -42,7 +45,7 @@ class PatternPass:
                 continue
             refusal = None
             for rule in self._candidates(node):
-                match, reason = rule.find(node)
+                match, reason = rule.find(node, ctx)
                 if match is None:
                     refusal = refusal or reason
                     continue

@@ -113,7 +113,7 @@ def _repeat_problem(m: Match, name: str) -> str | None:
     return None if same else f"{name} expand {sizes} / reshape {out} is not repeat_kv"
 
 
-def check(m: Match) -> str | None:
+def check(m: Match, ctx=None) -> str | None:
     for name in "kv":
         if reason := _repeat_problem(m, name):
             return reason
@@ -218,7 +218,7 @@ def _is_last_two(m: Match) -> bool:
     return {m["kt_dim0"] % 4, m["kt_dim1"] % 4} == {2, 3}
 
 
-def check_written_out(m: Match) -> str | None:
+def check_written_out(m: Match, ctx=None) -> str | None:
     qv, kv = _val(m["q"]), _val(m["k"])
     if qv.dim() != 4 or kv.dim() != 4:
         return f"q/k of rank {qv.dim()}/{kv.dim()}; the op takes [B, H, L, D]"

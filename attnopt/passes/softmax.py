@@ -145,7 +145,7 @@ def _broadcasts_into(small: torch.Size, big: torch.Size) -> bool:
         return False
 
 
-def check(m: Match) -> str | None:
+def check(m: Match, ctx=None) -> str | None:
     if dtype_of(m.anchor) is None or dtype_of(m["x"]) is None:
         return "no dtype information on the graph (meta['val'] missing)"
     rank = len(_shape(m["x"]))

@@ -140,7 +140,7 @@ def fuse_scaled_relu(m, graph, ctx):
     return insert_call(graph, aten.mul.Tensor, (r, m.get("scale", 1.0)))
 
 
-def positive_scale(m):
+def positive_scale(m, ctx=None):
     scale = m.get("scale", 1.0)
     return None if scale > 0 else f"scale {scale} is not positive"
 
