@@ -51,6 +51,12 @@ def repack(qweight: Tensor, scales: Tensor, zeros: Tensor) -> tuple[Tensor, Tens
     return _repacked[key]
 
 
+def prepare(qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int) -> None:
+    """Repack now (at compile time) if the ATen kernel will be used for this weight."""
+    if supported(qweight.shape[0], group_size) is None:
+        repack(qweight, scales, zeros)
+
+
 def linear(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, bias: Tensor | None,
            group_size: int) -> Tensor:
     n, kp = qweight.shape[0], qweight.shape[1] * 2

@@ -136,7 +136,8 @@ def _fuse(gm: fx.GraphModule, nodes: list[fx.Node]) -> None:
                 constant(gm, c["bias"]).reshape(-1).to(ref.dtype) if c["bias"] is not None
                 else ref.new_zeros(n) for c, n in zip(calls, sizes, strict=True)])
         if fake_value(calls[0]["x"]).device.type == "cpu":
-            int4_cpu.repack(packed["qweight"], packed["scales"], packed["zeros"])
+            int4_cpu.prepare(packed["qweight"], packed["scales"], packed["zeros"],
+                             calls[0]["group_size"])
     with graph.inserting_before(nodes[0]):
         prefix = f"{nodes[0].name}_w4a16_fused"
         attrs = {k: constant_node(gm, f"{prefix}_{k}", t) for k, t in packed.items()}

@@ -67,7 +67,7 @@ def rewrite(m: Match, graph: fx.Graph, ctx) -> fx.Node:
         packed = int4.quantize_rtn(w, ctx.options.group_size, xv.dtype)
         error = relative_error(w, packed)
         if xv.device.type == "cpu":
-            int4_cpu.repack(packed.qweight, packed.scales, packed.zeros)  # once, now
+            int4_cpu.prepare(packed.qweight, packed.scales, packed.zeros, packed.group_size)
     name = f"{m.anchor.name}_w4a16"
     q, s, z = (constant_node(gm, f"{name}_{k}", getattr(packed, k))
                for k in ("qweight", "scales", "zeros"))

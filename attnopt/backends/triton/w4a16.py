@@ -13,17 +13,17 @@ group and its scale is one number per output column n, which factors out of the 
     out[m, n] = Σ_groups s[n, G] · Σ_{k ∈ tile} x[m, k] · (q[n, k] - z[n, G]).
 
 q - z is an integer in [-15, 15], exact in fp16 and bf16, so each tile is one tl.dot on exact
-operands accumulated in fp32, and the scale multiplies the fp32 tile result: the only rounding
-is fp32 accumulation and the final cast to x's dtype (a kernel that dequantized to bf16 first
-would also round every (q - z) · s to 8 bits). Bias is added in fp32 in the epilogue.
+operands accumulated in fp32, and the scale multiplies the fp32 tile result: the only roundings
+are fp32 ones and the final cast to x's dtype (a kernel that dequantized to bf16 first would
+also round every (q - z) · s to 8 significant bits). Bias is added in fp32 in the epilogue.
 
 Paths, chosen by M (the number of rows of x) unless `path` forces one:
 
 - "gemv" (M <= GEMV_MAX_M = 16, decode): memory-bound, so the point is to spread the weight over
   every SM. One program owns a BLOCK_N slice of output columns and one chunk of K for all M rows
-  (padded to 16). The product is computed transposed, outᵀ = W · xᵀ ("swap AB"): the weight tile
-  takes the MMA's M side, which needs >= 16 (64 on Hopper) rows, and the few activation rows the
-  small N side.
+  (padded to 16; a forced "gemv" on more rows takes 16-row blocks). The product is computed
+  transposed, outᵀ = W · xᵀ ("swap AB"): the weight tile takes the MMA's M side, which needs
+  >= 16 (64 on Hopper) rows, and the few activation rows the small N side.
 - "splitk" (M <= SPLITK_MAX_M = 64): BLOCK_M x BLOCK_N tiles with tl.dot, and K split into chunks
   so that a handful of row tiles still gives enough programs.
   Both split-K paths write fp32 partials to a workspace [SPLIT_K, M, N]; a second kernel sums
@@ -32,8 +32,9 @@ Paths, chosen by M (the number of rows of x) unless `path` forces one:
 - "tiled" (larger M): the classic tiled GEMM over the whole K, with the GROUP_M swizzle of the
   Triton matmul tutorial for L2 reuse.
 - "dequant" (M >= DEQUANT_MIN_M, CUDA only): one kernel writes W [N, K] in x's dtype, then
-  cuBLAS (F.linear). At large M the GEMM is compute-bound and re-reading a 16-bit W costs little
-  next to it, and cuBLAS beats a Triton GEMM that dequantizes in its inner loop.
+  cuBLAS (F.linear). At large M the GEMM is compute-bound, writing and re-reading a 16-bit W
+  costs little next to it, and cuBLAS is expected to beat a Triton GEMM that dequantizes in its
+  inner loop (to be confirmed by the benchmark, see DEQUANT_MIN_M).
 
 x is read through its strides (a transposed or sliced x is never copied); so are the weight
 tensors.
@@ -107,7 +108,7 @@ def _accumulate(acc, x, sxm, sxk, qw, sqn, sqk, sc, ssn, ssg, zp, szn, szg,
         ks = k0 + offs_k
         w, s = _weight_tile(qw, sqn, sqk, sc, ssn, ssg, zp, szn, szg, cols, k0, group_size, N,
                             x.dtype.element_ty, BLOCK_N, BLOCK_K)
-        # x past K reads 0, against the padding codes (which are 0 anyway).
+        # x reads 0 past K, where the padding codes give q - z = 0 anyway.
         if SWAP_AB:
             xt = tl.load(x_rows[None, :] + ks[:, None] * sxk,
                          mask=row_ok[None, :] & (ks < K)[:, None], other=0.0)
