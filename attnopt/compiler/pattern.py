@@ -89,6 +89,17 @@ class Call(Pattern):
         return f"Call({', '.join(map(str, self.targets))})"
 
 
+@dataclass(frozen=True, eq=False)
+class Chain(Pattern):
+    """`inner` under zero or more of the ops in `ops` (each read through its first argument);
+    the outermost node is captured as `name`. What the chain does is the rule's to check:
+    `compiler/layout.py` works out which dims a chain of views holds."""
+
+    inner: Pattern
+    ops: frozenset
+    name: str
+
+
 def optional(piece: Pattern, through: Pattern) -> Pattern:
     """`piece` if it is there, else just `through` (the value `piece` would have consumed)."""
     return AnyOf((piece, through))
@@ -100,6 +111,8 @@ def root_targets(p: Pattern) -> tuple[Target, ...]:
         return p.targets
     if isinstance(p, AnyOf):
         return tuple(t for o in p.options for t in root_targets(o))
+    if isinstance(p, Chain):
+        return (*p.ops, *root_targets(p.inner))
     return ()
 
 
@@ -202,8 +215,17 @@ class Matcher:
                 yield from self._match(option, v, s, anchor)
         elif isinstance(p, Call):
             yield from self._match_call(p, v, s, anchor)
+        elif isinstance(p, Chain):
+            bound = s.bind(p.name, v)
+            if bound is not None:
+                yield from self._match_chain(p, v, bound)
         elif not isinstance(v, fx.Node) and _equal_literal(p, v):
             yield s
+
+    def _match_chain(self, p: Chain, v: Any, s: _State) -> Iterator[_State]:
+        if isinstance(v, fx.Node) and v.op == "call_function" and v.target in p.ops:
+            yield from self._match_chain(p, v.args[0], s.consume(v))
+        yield from self._match(p.inner, v, s)
 
     def _match_call(self, p: Call, v: Any, s: _State, anchor: bool) -> Iterator[_State]:
         if not isinstance(v, fx.Node) or v.op != "call_function":
@@ -274,16 +296,22 @@ class Rule:
     check: CheckFn | None = None
     through: Callable[[fx.Node], bool] | None = None
 
-    def find(self, anchor: fx.Node, ctx: Any = None) -> tuple[Match | None, str | None]:
+    def find(self, anchor: fx.Node, ctx: Any = None) -> tuple[Match | None, Refusal | None]:
         """The longest match at `anchor` that is self-contained and passes `check`; else None and
-        the reason the longest structural match was refused (None if nothing matched at all)."""
-        first_reason = None
+        why the longest structural match was refused (None if nothing matched at all)."""
+        refusal = None
         for m in Matcher(self.through or _nothing).match(self.pattern, anchor):
             reason = _containment_problem(m) or (self.check(m, ctx) if self.check else None)
             if reason is None:
                 return m, None
-            first_reason = first_reason or reason
-        return None, first_reason
+            refusal = refusal or Refusal(reason, m.nodes)
+        return None, refusal
+
+
+@dataclass(frozen=True)
+class Refusal:
+    reason: str
+    nodes: tuple[fx.Node, ...]  # the candidate refused: one reason covers all of it
 
 
 def _containment_problem(m: Match) -> str | None:

@@ -57,11 +57,10 @@ def run_pipeline(
         nodes_before = count_ops(gm.graph)
         start = time.perf_counter()
         rewrites, error = 0, None
-        if reason := p.not_applicable(options):
-            ctx.rejected.append(f"skipped: {reason}")
-        elif p.needs_frozen_weights and not frozen:
-            ctx.rejected.append("skipped: weights are not frozen (a training graph)")
-        else:
+        skipped = p.not_applicable(options)
+        if skipped is None and p.needs_frozen_weights and not frozen:
+            skipped = "weights are not frozen (a training graph)"
+        if skipped is None:
             saved = _snapshot(gm)
             try:
                 rewrites = p.apply(gm, ctx)
@@ -76,7 +75,7 @@ def run_pipeline(
         records.append(PassRecord(
             name=p.name, rewrites=rewrites, rejected=ctx.rejected, nodes_before=nodes_before,
             nodes_after=count_ops(gm.graph), seconds=time.perf_counter() - start, error=error,
-            notes=ctx.notes if error is None else [],
+            notes=ctx.notes if error is None else [], skipped=skipped,
             counts_as=p.counts_as, before=before, after=render(gm.graph),
         ))
     return records

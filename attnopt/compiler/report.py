@@ -26,6 +26,7 @@ class PassRecord:
     seconds: float
     error: str | None = None
     notes: list[str] = field(default_factory=list)  # what the pass measured (layer errors, say)
+    skipped: str | None = None  # why the pass did not run (an option, a training graph)
     counts_as: str | None = field(default=None, repr=False)
     before: list[str] = field(default_factory=list, repr=False)  # rendered graph
     after: list[str] = field(default_factory=list, repr=False)
@@ -38,7 +39,7 @@ class PassRecord:
     def as_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in
                 ("name", "rewrites", "rejected", "nodes_before", "nodes_after", "seconds", "error",
-                 "notes")}
+                 "notes", "skipped")}
 
 
 @dataclass
@@ -92,6 +93,9 @@ class CompileReport:
                  "  counts: " + ", ".join(f"{k}={v}" for k, v in self.counts.items())]
         for p in self.passes:
             status = f"FAILED ({p.error.splitlines()[0]})" if p.error else f"{p.rewrites} rewrites"
+            if p.skipped:
+                lines.append(f"  {p.name}: skipped ({p.skipped})")
+                continue
             lines.append(f"  {p.name}: {status}, nodes {p.nodes_before} -> {p.nodes_after}, "
                          f"{p.seconds * 1e3:.1f} ms")
             lines += [f"    rejected {r}" for r in p.rejected]
@@ -195,6 +199,8 @@ def _html(r: CompileReport) -> str:
     for p in r.passes:
         removed, added = p.changed()
         status = "failed, rolled back" if p.error else f"{p.rewrites} rewrites"
+        if p.skipped:
+            status = f"skipped ({p.skipped})"
         body.append(f"<h2>pass {html.escape(p.name)}: {status}</h2>")
         body.append(f"<p class='muted'>nodes {p.nodes_before} → {p.nodes_after}, "
                     f"{p.seconds * 1e3:.1f} ms</p>")

@@ -40,14 +40,15 @@ class PatternPass:
 
     def apply(self, gm: fx.GraphModule, ctx: Any) -> int:
         graph, rewrites = gm.graph, 0
+        explained: set[fx.Node] = set()  # inside a candidate already refused with its reason
         for node in reversed(list(graph.nodes)):
             if getattr(node, "_erased", False):
                 continue
             refusal = None
             for rule in self._candidates(node):
-                match, reason = rule.find(node, ctx)
+                match, why = rule.find(node, ctx)
                 if match is None:
-                    refusal = refusal or reason
+                    refusal = refusal or why
                     continue
                 with graph.inserting_before(node):
                     new = _same_layout(graph, rule.rewrite(match, graph, ctx), node)
@@ -58,8 +59,9 @@ class PatternPass:
                 rewrites += 1
                 break
             else:
-                if refusal:
-                    ctx.reject(node, refusal)
+                if refusal and node not in explained:
+                    ctx.reject(node, refusal.reason)
+                    explained.update(refusal.nodes)
         if rewrites:
             # Producers only the replaced nodes read (a mask's where(), say) are dead now.
             graph.eliminate_dead_code()

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 import operator
+from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
@@ -36,11 +37,13 @@ from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from attnopt.backends import ops  # noqa: F401  (registers torch.ops.attnopt.*)
+from attnopt.compiler import layout
 from attnopt.compiler.graph import constant_value, insert_call
 from attnopt.compiler.pattern import (
     ANY,
     Call,
     Capture,
+    Chain,
     Literal,
     Match,
     Pattern,
@@ -169,9 +172,9 @@ def _evaluate_causal(mask: fx.Node, lq: int, lk: int) -> bool:
         return bool(((value == 0) == keep).all() and (value[..., ~keep] <= floor).all())
 
 
-def _mask_or_causal(attn_mask: fx.Node | None, is_causal: bool, m: Match) -> tuple:
-    if attn_mask is not None and not is_causal and is_standard_causal(
-            attn_mask, _val(m["q"]), _val(m["k"])):
+def _mask_or_causal(attn_mask: fx.Node | None, is_causal: bool, q: torch.Tensor,
+                    k: torch.Tensor) -> tuple:
+    if attn_mask is not None and not is_causal and is_standard_causal(attn_mask, q, k):
         return None, True
     return attn_mask, is_causal
 
@@ -182,7 +185,7 @@ def rewrite(m: Match, graph: fx.Graph, ctx) -> fx.Node:
     attn_mask = m.get("mask")
     if attn_mask is not None:
         attn_mask = _boolean_source(attn_mask) or attn_mask
-    attn_mask, is_causal = _mask_or_causal(attn_mask, m["is_causal"], m)
+    attn_mask, is_causal = _mask_or_causal(attn_mask, m["is_causal"], _val(m["q"]), _val(m["k"]))
     return insert_call(graph, torch.ops.attnopt.attention.default, (
         m["q"], m["k"], m["v"], attn_mask, is_causal, float(scale_value),
     ), {"impl": ctx.options.kernels})
@@ -246,20 +249,173 @@ def check_written_out(m: Match, ctx=None) -> str | None:
 
 def rewrite_written_out(m: Match, graph: fx.Graph, ctx) -> fx.Node:
     scale = softmax_scale(m) * float(m.get("q_scale", 1.0)) * float(m.get("k_scale", 1.0))
-    attn_mask = m.get("bias")
-    if "mask" in m.captures:  # the kernel's boolean mask marks keys to attend
-        attn_mask = m["mask"] if "masked_keep" in m.captures else insert_call(
-            graph, aten.logical_not.default, (m["mask"],))
-        if "bias" in m.captures:  # both: an additive mask that is -inf where the bool one says
-            attn_mask = insert_call(graph, aten.where.ScalarOther,
-                                    (attn_mask, m["bias"], -math.inf))
-    attn_mask, is_causal = _mask_or_causal(attn_mask, False, m)
+    return _emit(graph, ctx, m, m["q"], m["k"], m["v"], scale, m.get("bias"), m.get("mask"))
+
+
+def _emit(graph: fx.Graph, ctx, m: Match, q: fx.Node, k: fx.Node, v: fx.Node, scale: float,
+          bias: fx.Node | None, mask: fx.Node | None) -> fx.Node:
+    """The attention call for a written-out match: an additive `bias` and a boolean `mask`
+    (marking keys to drop, or to keep when the match says `masked_keep`) in the scores' shape."""
+    attn_mask = bias
+    if mask is not None:  # the kernel's boolean mask marks keys to attend
+        attn_mask = mask if "masked_keep" in m.captures else insert_call(
+            graph, aten.logical_not.default, (mask,))
+        if bias is not None:  # both: an additive mask that is -inf where the bool one says
+            attn_mask = insert_call(graph, aten.where.ScalarOther, (attn_mask, bias, -math.inf))
+    attn_mask, is_causal = _mask_or_causal(attn_mask, False, _val(q), _val(k))
     return insert_call(graph, torch.ops.attnopt.attention.default, (
-        m["q"], m["k"], m["v"], attn_mask, is_causal, scale), {"impl": ctx.options.kernels})
+        q, k, v, attn_mask, is_causal, scale), {"impl": ctx.options.kernels})
+
+
+# --- batched: 3-D bmm / baddbmm attention and einsum, through any chain of views ---------------
+
+_CHAIN = frozenset(layout.CHAIN_OPS)
+q3, kt3, v3 = (Capture(n, where=is_tensor_node()) for n in ("q3", "kt3", "v3"))
+qk = (Call(aten.bmm.default, q3, kt3, name="qk")
+      | Call(aten.baddbmm.default, Capture("bias3", where=is_tensor_node()), q3, kt3,
+             beta=Literal("beta", where=is_number), alpha=Literal("alpha", where=is_number),
+             name="qk"))
+batched = Call(aten.bmm.default,
+               Chain(softmax_of(Chain(qk, _CHAIN, "scores")), _CHAIN, "probs"), v3)
+
+
+@dataclass(frozen=True)
+class Operand:
+    """q, k or v as its bmm reads it: a source tensor, and which of its dims are the batch (in
+    order), the rows and the columns of the [batch, rows, cols] operand."""
+
+    source: fx.Node
+    sizes: dict
+    batch: tuple
+    rows: tuple
+    cols: tuple
+
+
+def _chain_source(node: fx.Node) -> fx.Node:
+    while node.op == "call_function" and node.target in _CHAIN:
+        node = node.args[0]
+    return node
+
+
+def _operand(node: fx.Node, tag: str) -> Operand | None:
+    """Read through as much of the view chain in front of `node` as the algebra can follow
+    (at least nothing: `node` itself is a [batch, rows, cols] operand)."""
+    chain = [node]
+    while chain[-1].op == "call_function" and chain[-1].target in _CHAIN:
+        chain.append(chain[-1].args[0])
+    for source in reversed(chain):
+        lay = layout.trace(node, {source: layout.source_layout(tag, _val(source).shape)})
+        if lay is None or len(lay.axes) != 3:
+            continue
+        batch, rows, cols = (tuple(d for d in a if not lay.is_unit(d)) for a in lay.axes)
+        if len(rows) == 1 and len(cols) == 1:
+            return Operand(source, lay.sizes, batch, rows, cols)
+    return None
+
+
+def _sizes(op: Operand, dims: tuple) -> list[int]:
+    return [op.sizes[d] for d in dims]
+
+
+def _same_sizes(a: list, b: list) -> bool:
+    return len(a) == len(b) and all(map(layout.same, a, b))
+
+
+def batched_plan(m: Match) -> tuple[dict, int] | str:
+    """(q, k, v operands; the scores' rank) if the chains compute attention, else why not."""
+    operands = {t: _operand(m[n], t) for n, t in (("q3", "q"), ("kt3", "k"), ("v3", "v"))}
+    for tag, op in operands.items():
+        if op is None:
+            return f"{tag} reaches the bmm through views that do not keep rows and columns whole"
+    q, k, v = operands["q"], operands["k"], operands["v"]
+    qb = _sizes(q, q.batch)
+    if not (_same_sizes(qb, _sizes(k, k.batch)) and _same_sizes(qb, _sizes(v, v.batch))):
+        return "q, k and v batch dims differ (grouped heads are matched in 4-D form only)"
+    sizes = {**q.sizes, **k.sizes, **v.sizes}
+    qk_layout = layout.Layout((q.batch, q.rows, k.cols), sizes)
+    scores = layout.trace(m["scores"], {m["qk"]: qk_layout})
+    if scores is None:
+        return "the scores go through a reshape the matcher cannot follow"
+    axes = layout.drop_units(scores.axes, scores)
+    if tuple(d for a in axes[:-2] for d in a) != q.batch or axes[-2:] != (q.rows, k.cols):
+        return f"the scores are not laid out [batch..., q, k] (axes {axes})"
+    if softmax_dim(m) % len(scores.axes) != len(scores.axes) - 1:
+        return f"softmax over dim {softmax_dim(m)}, not over the keys"
+    probs = layout.trace(m["probs"], {_chain_source(m["probs"]): scores})
+    if probs is None or layout.drop_units(probs.axes, probs) != (q.batch, q.rows, k.cols):
+        return "the probabilities reach the second bmm in another layout than [batch, q, k]"
+    if m.get("beta", 1.0) not in (0.0, 1.0):
+        return f"baddbmm beta={m['beta']} scales the added scores"
+    if "mask" in m.captures and m["fill"] != -math.inf:
+        return f"mask fill {m['fill']} is finite (fully masked rows would differ)"
+    if len(scores.axes) not in (3, 4) and ({"mask", "bias"} & set(m.captures)):
+        return f"a mask on rank-{len(scores.axes)} scores"
+    if len(q.batch) > 2 and ({"mask", "bias", "bias3"} & set(m.captures)):
+        return "a mask on scores with more than two batch dims"
+    return operands, len(scores.axes)
+
+
+def check_batched(m: Match, ctx=None) -> str | None:
+    plan = batched_plan(m)
+    if isinstance(plan, str):
+        return plan
+    if dtype_of(m.anchor) != _val(m["q3"]).dtype:
+        return f"output is {dtype_of(m.anchor)} but q is {_val(m['q3']).dtype}"
+    return None
+
+
+def _as_bhld(graph: fx.Graph, op: Operand, rows: tuple, cols: tuple) -> fx.Node:
+    """The source as the op's [B, H, rows, cols]: a permute when the dims are out of order, then
+    flatten/unsqueeze (no sizes in the graph, so symbolic shapes stay symbolic). Extra batch
+    dims fold into B."""
+    rank = _val(op.source).dim()
+    used = [i for _, i in (*op.batch, *rows, *cols)]
+    units = [i for i in range(rank) if i not in used]  # size 1: where they go is free
+    node = op.source
+    if units + used != list(range(rank)):
+        node = insert_call(graph, aten.permute.default, (node, units + used))
+    lead = len(units) + len(op.batch)  # dims in front of rows and cols
+    if lead > 2 or (lead == 2 and len(op.batch) < 2):
+        keep = 1 if len(op.batch) >= 2 else 0  # the last batch dim stays H
+        node = insert_call(graph, aten.flatten.using_ints, (node, 0, lead - 1 - keep))
+        lead = 1 + keep
+    while lead < 2:
+        node = insert_call(graph, aten.unsqueeze.default, (node, 0))
+        lead += 1
+    return node
+
+
+def _mask_4d(graph: fx.Graph, node: fx.Node | None, scores_rank: int, q: Operand):
+    """A mask laid out like rank-3 scores [B*H, q, k] as the op's [B, H, q, k]."""
+    if node is None or scores_rank == 4 or _val(node).dim() < 3:
+        return node
+    if layout.same(_val(node).shape[0], 1) or len(q.batch) < 2:
+        return insert_call(graph, aten.unsqueeze.default, (node, 0))
+    heads = q.sizes[q.batch[-1]]
+    if not isinstance(heads, int):  # a symbolic head count: read it off q
+        heads = insert_call(graph, aten.sym_size.int, (q.source, q.batch[-1][1]))
+    return insert_call(graph, aten.unflatten.int, (node, 0, [-1, heads]))
+
+
+def rewrite_batched(m: Match, graph: fx.Graph, ctx) -> fx.Node:
+    operands, rank = batched_plan(m)
+    q, k, v = operands["q"], operands["k"], operands["v"]
+    q4 = _as_bhld(graph, q, q.rows, q.cols)
+    k4 = _as_bhld(graph, k, k.cols, k.rows)  # the bmm reads kᵀ: its columns are the keys
+    v4 = _as_bhld(graph, v, v.rows, v.cols)
+    bias = _mask_4d(graph, m.get("bias"), rank, q)
+    if "bias3" in m.captures and m.get("beta", 1.0) == 1.0:
+        bias3 = _mask_4d(graph, m["bias3"], 3, q)
+        bias = bias3 if bias is None else insert_call(graph, aten.add.Tensor, (bias3, bias))
+    mask = _mask_4d(graph, m.get("mask"), rank, q)
+    scale = softmax_scale(m) * float(m.get("alpha", 1.0))
+    out = _emit(graph, ctx, m, q4, k4, v4, scale, bias, mask)
+    return insert_call(graph, aten.flatten.using_ints, (out, 0, 1))  # [B*H, q, dv] as the bmm
 
 
 attention_pass = PatternPass("attention", counts_as="attention", rules=[
     Rule("sdpa", sdpa | sdpa_backends, rewrite, check),
     Rule("written_out", written_out, rewrite_written_out, check_written_out,
          through=widening_cast),
+    Rule("batched", batched, rewrite_batched, check_batched, through=widening_cast),
 ])

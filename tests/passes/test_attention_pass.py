@@ -10,7 +10,7 @@ from attnopt.compiler.options import Options
 from attnopt.compiler.pipeline import PassContext
 from attnopt.passes.attention import attention_pass
 from attnopt.testing import assert_matches_eager
-from tests.graphs import aten_graph, ops
+from tests.graphs import aten_graph, ops, structure
 
 Q = torch.randn(2, 4, 8, 16)
 K = torch.randn(2, 4, 8, 16)
@@ -201,6 +201,93 @@ def test_written_out_16_bit_end_to_end(dtype):
     assert report.counts["attention"] == 1 and report.counts["softmax"] == 0
 
 
+# --- batched: einsum and 3-D bmm / baddbmm, through any chain of views ---------------------
+
+
+def flat(t):
+    """[B, H, L, D] as the [B*H, L, D] that 3-D attention code works on."""
+    return t.reshape(-1, *t.shape[2:])
+
+
+BATCHED = {
+    "einsum": lambda q, k, v, b, a: torch.einsum(
+        "bhqk,bhkd->bhqd", torch.einsum("bhqd,bhkd->bhqk", q, k).div(4.0).softmax(-1), v),
+    "einsum_blhd": lambda q, k, v, b, a: torch.einsum(  # [B, L, H, D] activations
+        "bhqk,bkhd->bqhd", (torch.einsum("bqhd,bkhd->bhqk", q.transpose(1, 2),
+                                         k.transpose(1, 2)) * 0.25 + a).softmax(-1),
+        v.transpose(1, 2)),
+    "einsum_masked": lambda q, k, v, b, a: torch.einsum("bhij,bhjd->bhid", torch.softmax(
+        torch.einsum("bhid,bhjd->bhij", q * 0.25, k).masked_fill(~b, float("-inf")), -1), v),
+    "bmm_4d_softmax": lambda q, k, v, b, a: torch.bmm(torch.softmax(
+        torch.bmm(flat(q), flat(k).transpose(1, 2)).view(2, 4, 8, 8) * 0.25 + a, -1).view(
+            8, 8, 8), flat(v)).view(2, 4, 8, 16),
+    "baddbmm_bias": lambda q, k, v, b, a: torch.bmm(torch.baddbmm(
+        flat(a.expand(2, 4, 8, 8)), flat(q), flat(k).transpose(1, 2), beta=1.0, alpha=0.25
+    ).softmax(-1), flat(v)),
+    "baddbmm_alibi": lambda q, k, v, b, a: torch.bmm(torch.baddbmm(  # BLOOM: [B*H, 1, Lk]
+        flat(a[:, :, :1].expand(2, 4, 1, 8)), flat(q), flat(k).transpose(1, 2), alpha=0.25
+    ).softmax(-1), flat(v)),
+    "bmm_fp32_softmax": lambda q, k, v, b, a: torch.bmm(F.softmax(torch.bmm(
+        flat(q), flat(k).transpose(1, 2)) / 4.0, -1, dtype=torch.float32).to(q.dtype), flat(v)),
+}
+
+
+@pytest.mark.parametrize("name", BATCHED)
+def test_each_batched_spelling_becomes_one_op(name):
+    args = (Q, K, V, BOOL | CAUSAL_KEEP, ADD)
+    gm = aten_graph(BATCHED[name], *args)
+    assert run_pass(gm) == (1, [])
+    # Views, mask algebra, and a q pre-scale, which the batched form keeps as it is.
+    allowed = {"aten.view", "aten._unsafe_view", "aten.reshape", "aten.permute",
+               "aten.transpose.int", "aten.clone", "aten.unsqueeze", "aten.expand",
+               "aten.slice.Tensor", "aten.logical_not", "aten.bitwise_not", "aten.add.Tensor",
+               "aten.mul.Tensor", "aten.flatten.using_ints", "aten.unflatten.int"}
+    assert [o for o in ops(gm) if o not in allowed] == ["attnopt.attention"], ops(gm)
+    assert "aten.bmm" not in ops(gm) and "aten.baddbmm" not in ops(gm)
+    torch.testing.assert_close(gm(*args), BATCHED[name](*args), rtol=1e-5, atol=1e-5)
+
+
+def test_einsum_before_expected():
+    before = aten_graph(BATCHED["einsum"], *INPUTS)
+    run_pass(before)
+    expected = aten_graph(lambda q, k, v, b, a: torch.ops.attnopt.attention(
+        q, k, v, None, False, 0.25).flatten(0, 1).view(2, 4, 8, 1, 16).permute(
+            0, 1, 2, 4, 3).view(2, 4, 8, 16), *INPUTS)
+    # Retraced, as the backend retraces for Inductor: flatten becomes the view it is.
+    assert structure(aten_graph(before, *INPUTS)) == structure(expected)
+
+
+@pytest.mark.parametrize("fn, reason", [
+    (lambda q, k, v, b, a: torch.bmm(torch.bmm(flat(q), flat(k).transpose(1, 2)).softmax(1),
+                                     flat(v)), "softmax over dim 1, not over the keys"),
+    (lambda q, k, v, b, a: torch.bmm(torch.bmm(flat(q), flat(k).transpose(1, 2)).softmax(-1),
+                                     flat(v.transpose(0, 1))),  # heads and batch swapped in v
+     "q, k and v batch dims differ"),
+    (lambda q, k, v, b, a: torch.bmm(torch.baddbmm(flat(a.expand(2, 4, 8, 8)), flat(q), flat(
+        k).transpose(1, 2), beta=0.5).softmax(-1), flat(v)), "baddbmm beta=0.5"),
+])
+def test_batched_near_misses_are_reported(fn, reason):
+    gm = aten_graph(fn, *INPUTS)
+    n, rejected = run_pass(gm)
+    assert n == 0 and len(rejected) == 1 and reason in rejected[0], rejected
+    torch.testing.assert_close(gm(*INPUTS), fn(*INPUTS))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_batched_end_to_end(dtype):
+    class Attn(torch.nn.Module):
+        def forward(self, q, k, v, b, a):
+            return BATCHED["einsum_blhd"](q, k, v, b, a) + BATCHED["baddbmm_bias"](
+                q, k, v, b, a).view(2, 4, 8, 16).transpose(1, 2)
+
+    with torch.no_grad():
+        (report,) = assert_matches_eager(
+            Attn(), (*(t.to(dtype) for t in (Q, K, V)), BOOL, ADD.to(dtype)),
+            options={"inner": "inductor"}, rtol=2e-2 if dtype != torch.float32 else None,
+            atol=2e-2 if dtype != torch.float32 else None)
+    assert report.counts["attention"] == 2
+
+
 # --- a constant causal mask becomes the flag -----------------------------------------------
 
 def masked_by_arange(q, k, v, offset=0, window=None):
@@ -257,3 +344,21 @@ def test_mask_that_reads_an_input_stays_a_tensor():
     gm = aten_graph(WRITTEN["additive_mask"], *INPUTS)
     run_pass(gm)
     assert attention_node(gm).args[3] is not None
+
+
+def test_batched_with_dynamic_shapes_matches_without_recompiling():
+    """The layout algebra compares symbolic sizes without guarding on them: one dynamic graph
+    serves every length, and it is rewritten too."""
+
+    def attend(x, mask):  # 3-D attention over [B, L, D] with a [B, L, L] mask
+        scores = torch.bmm(x * 0.5, x.transpose(1, 2)).masked_fill(mask, float("-inf"))
+        return torch.bmm(scores.softmax(-1), x)
+
+    compiled = torch.compile(attend, backend="attnopt", options={"inner": "eager"})
+    with torch.no_grad():
+        for length in (6, 9, 13):
+            x = torch.randn(2, length, 16)
+            mask = torch.rand(2, length, length) > 0.8
+            mask[..., 0] = False
+            torch.testing.assert_close(compiled(x, mask), attend(x, mask))
+    assert [r.counts["attention"] for r in attnopt.reports()] == [1, 1]
