@@ -12,7 +12,9 @@ the kernels; "auto eager ms" is the same call without the graph. The "dequant" v
 "splitk" vs "tiled" columns are what `triton/w4a16.py`'s DEQUANT_MIN_M and SPLITK_MAX_M should
 be read from.
 
-On CPU: the op's CPU path (impl="auto", bf16: `int4_cpu.linear`) vs bf16 and fp32 F.linear.
+On CPU: the op's CPU path (impl="auto", bf16: `int4_cpu.linear`) vs bf16 and fp32 F.linear,
+and a small Llama's one-token forward (the linear work of a decode step; TinyLlama keeps no KV
+cache) in bf16, compiled with attnopt with and without quantize="w4a16", against eager.
 
     python -m benchmarks.w4a16 [--quick] [--out benchmarks/out]
     TRITON_INTERPRET=1 python -m benchmarks.w4a16 --smoke   # the GPU table's code on tiny shapes
@@ -196,6 +198,29 @@ def cpu_rows(layers: dict, ms_list: list[int]) -> list[dict]:
     return rows
 
 
+def llama_decode_rows(quick: bool) -> list[dict]:
+    from attnopt.models.llama import LlamaConfig, TinyLlama
+
+    config = LlamaConfig(hidden_size=1024, intermediate_size=2816, num_layers=2 if quick else 4,
+                         num_heads=16, num_kv_heads=4)
+    torch.manual_seed(0)
+    model = TinyLlama(config).eval().bfloat16()
+    ids = torch.randint(0, config.vocab_size, (1, 1))
+    rows = []
+    with torch.no_grad():
+        eager = median_ms(model, ids)
+        for quantize in (None, "w4a16"):
+            torch._dynamo.reset()
+            compiled = torch.compile(model, backend="attnopt", options={"quantize": quantize})
+            ms = median_ms(compiled, ids)
+            rows.append({"model": f"Llama {config.num_layers}x{config.hidden_size} bf16",
+                         "variant": f"attnopt quantize={quantize}", "ms": ms,
+                         "vs eager": eager / ms})
+            print(rows[-1])
+    rows.insert(0, {"model": rows[0]["model"], "variant": "eager", "ms": eager, "vs eager": 1.0})
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer shapes and row counts")
@@ -221,6 +246,8 @@ def main() -> None:
     layers = {"q/o": LAYERS["q/o"]} if args.quick else LAYERS
     rows = cpu_rows(layers, [1, 16] if args.quick else [1, 4, 16, 64])
     print(write_table("w4a16-cpu", rows, list(rows[0]), args.out))
+    rows = llama_decode_rows(args.quick)
+    print(write_table("w4a16-llama-decode-cpu", rows, list(rows[0]), args.out))
 
 
 if __name__ == "__main__":

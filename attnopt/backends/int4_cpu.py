@@ -8,10 +8,12 @@ layout and a `[K/g, N, 2]` table of (scale, zero) with
 so our `(q - z) * s` maps to zero = (8 - z) * s. The repack runs once per weight — the quantize
 pass triggers it at compile time — and is cached beside the weight's lifetime.
 
-The kernel is vectorised for bf16 activations only, and it does the work of a GEMV per row of
-x, so it wins at decode sizes (~4-5x over a bf16 `F.linear` at M=1 for a 4096² layer on a
-2-core x86 machine) and loses from some tens of rows on. Other inputs — fp16/fp32 activations
-are cast to bf16 for it, which is what "A16" means — and larger M dequantize and call `F.linear`.
+The kernel is vectorised for bf16 activations only (fp16/fp32 activations are cast to bf16 for
+it, which is what "A16" means). It wins at decode sizes (~4-5x over a bf16 `F.linear` at M=1
+for a 4096² layer on a 2-core x86 machine) and falls behind a dense bf16 GEMM from a few rows
+on, but dequantizing the whole weight for every call costs more still (benchmarks/w4a16.py), so
+it is used at every M. Shapes it cannot take (out_features not a multiple of 16) dequantize and
+call `F.linear`.
 """
 
 from __future__ import annotations
@@ -22,9 +24,6 @@ import torch
 from torch import Tensor
 
 from attnopt.backends import int4
-
-# Above this many rows dequantize + F.linear beats the int4 kernel (benchmarks/w4a16.py, CPU).
-INT4_KERNEL_MAX_M = 32
 
 _repacked: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}
 
@@ -61,7 +60,7 @@ def linear(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, bias: Tens
            group_size: int) -> Tensor:
     n, kp = qweight.shape[0], qweight.shape[1] * 2
     x2 = x.reshape(-1, x.shape[-1])
-    if x2.shape[0] <= INT4_KERNEL_MAX_M and supported(n, group_size) is None:
+    if supported(n, group_size) is None:
         packed, table = repack(qweight, scales, zeros)
         xb = torch.nn.functional.pad(x2.to(torch.bfloat16), (0, kp - x2.shape[-1]))
         out = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, packed, group_size, table)

@@ -23,6 +23,8 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--seq", type=int, default=512, help="sequence length (default 512)")
     demo.add_argument("--layers", type=int, default=2, help="decoder layers (default 2)")
     demo.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    demo.add_argument("--quantize", choices=("w4a16",), default=None,
+                      help="also turn the linear layers into int4-weight GEMMs (W4A16)")
     demo.add_argument("--inner", choices=("inductor", "eager"), default="inductor",
                       help="what compiles the rewritten graph (default inductor)")
     demo.add_argument("--report-dir", metavar="DIR",

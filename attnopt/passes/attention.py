@@ -21,8 +21,19 @@ And attention written out, as transformers' eager implementations and hand-writt
 
 with every spelling of the softmax chain the softmax pass knows (scale, additive mask,
 masked_fill/where with -inf, fp32 upcast and cast back, _safe_softmax, decomposed) and the same
-repeat_kv folding. One difference from eager is deliberate and documented: a query row whose keys
-are *all* masked with -inf is NaN in eager's plain softmax and 0 here, as SDPA gives it.
+repeat_kv folding. And attention in 3-D batched form, as einsum lowers it and as older models
+write it (OPT, BLOOM with its ALiBi bias):
+
+    bmm(views(softmax_chain(views(bmm(q3, kt3) | baddbmm(bias, q3, kt3, alpha)))), v3)
+
+where every `views(...)` is any chain of unsqueeze/permute/view/expand. `compiler/layout.py`
+works out which dims of q, k and v each chain holds, so [B, H, L, D], [B, L, H, D] and
+[B*H, L, D] sources are all read for what they are (a permute, never a copy, when the heads are
+not in front), and anything that is not attention — softmax over another dim, heads and batch
+swapped in v — is refused with its reason.
+
+One difference from eager is deliberate and documented: a query row whose keys are *all* masked
+with -inf is NaN in eager's plain softmax and 0 here, as SDPA gives it.
 """
 
 from __future__ import annotations
