@@ -13,7 +13,7 @@ from typing import Any
 KERNELS = ("auto", "triton", "reference")
 INNER = ("inductor", "eager")
 QUANTIZE = (None, "w4a16")
-GROUP_SIZES = (32, 64, 128, 256)
+GROUP_SIZES = (32, 64, 128)  # backends/int4.py's; the kernels' K tiles divide them
 
 DOCS = {
     "quantize": "None | 'w4a16': replace eligible linear layers by int4-weight GEMMs",

@@ -115,11 +115,16 @@ class LinearFusion:
 
 
 def _source(x: fx.Node) -> tuple:
-    """What `x` reads: each linear of a 3-D input flattens it with a view of its own, so two
-    views of one tensor to one shape are the same input."""
+    """A key equal for inputs that compute the same value from the same tensor: each linear of
+    a 3-D input flattens it with a view of its own, and AWQ-scaled siblings each multiply it by
+    the one shared scale, so the key looks through views and products with a constant."""
     if x.op == "call_function" and x.target in (aten.view.default, aten._unsafe_view.default,
                                                  aten.reshape.default):
-        return (x.args[0], tuple(fake_value(x).shape))
+        # A symbolic size is unhashable: key it by its expression, equal for equal sizes.
+        return ("view", _source(x.args[0]), tuple(
+            d.node.expr if isinstance(d, torch.SymInt) else d for d in fake_value(x).shape))
+    if x.target is aten.mul.Tensor and len(x.args) == 2 and is_constant(x.args[1]):
+        return ("mul", _source(x.args[0]), x.args[1].target)
     return (x,)
 
 

@@ -52,12 +52,14 @@ class InputStats:
         self.abs_sum = abs_sum if self.abs_sum is None else self.abs_sum + abs_sum
         self.count += x.shape[0]
         priority = torch.rand(x.shape[0], generator=self._generator).to(x.device)
-        if self.rows is not None:
-            x, priority = torch.cat((self.rows, x)), torch.cat((self._priority, priority))
-        if x.shape[0] > self.max_rows:
-            keep = priority.topk(self.max_rows).indices.sort().values
-            x, priority = x[keep], priority[keep]
-        self.rows, self._priority = x, priority
+        if self.rows is None:
+            self.rows, self._priority = x[:0], priority[:0]
+        # cat copies: the rows kept never alias an activation the model may later change.
+        rows, priority = torch.cat((self.rows, x)), torch.cat((self._priority, priority))
+        if rows.shape[0] > self.max_rows:
+            keep = priority.topk(self.max_rows).indices
+            rows, priority = rows[keep], priority[keep]
+        self.rows, self._priority = rows, priority
 
     @property
     def mean_abs(self) -> Tensor:

@@ -33,6 +33,7 @@ from attnopt.quantization.summary import QuantizationSummary
 FORMAT, VERSION = "attnopt-w4a16", 1
 WEIGHTS, CONFIG = "model.safetensors", "quantization_config.json"
 RESAVE = "re-create it with attnopt.quantize_model and attnopt.save_quantized"
+SAME_MODEL = "load it into a model built from the configuration it was quantized from"
 
 
 def save_quantized(model: nn.Module, directory: str | os.PathLike,
@@ -84,15 +85,15 @@ def load_quantized(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     unexpected = sorted(set(tensors) - set(state))
     missing = [names[0] for names in aliases if not any(n in tensors for n in names)]
     if unexpected or missing:
-        raise ValueError(f"{where}: missing keys {missing}, unexpected keys {unexpected}. Load "
-                         f"it into a model built from the configuration it was saved from, or "
-                         f"{RESAVE}")
+        raise ValueError(f"{where}: missing keys {missing}, unexpected keys {unexpected}; "
+                         f"{SAME_MODEL}, or {RESAVE}")
     for name, t in tensors.items():
         expected = state[name]
         if t.shape != expected.shape or (t.dtype != expected.dtype and not (
                 t.is_floating_point() and expected.is_floating_point())):
             raise ValueError(f"{where}: {name} is {t.dtype} {list(t.shape)} in the file, "
-                             f"{expected.dtype} {list(expected.shape)} in the model; {RESAVE}")
+                             f"{expected.dtype} {list(expected.shape)} in the model; "
+                             f"{SAME_MODEL}, or {RESAVE}")
     full = {}
     for names in aliases:
         stored = next(n for n in names if n in tensors)

@@ -58,10 +58,10 @@ def quantize_model(
             summary.skipped.append((name, glob))
         else:
             linears[name] = module
-    groups = {}
+    groups: dict[str, InputGroup] = {}
     if method == "awq":
         groups = {name: g for g in collect(model, linears, calibration) for name in g.names}
-    searched: dict[int, tuple[AWQResult, nn.Parameter | None]] = {}
+    searched: dict[str, tuple[AWQResult, nn.Parameter | None]] = {}  # by the group's leader
 
     for done, (name, linear) in enumerate(linears.items(), 1):
         w, transposed = source_weight(linear)
@@ -70,9 +70,10 @@ def quantize_model(
             module = Int4Linear.from_linear(linear, group_size)
             extra = {"note": "not called during calibration: plain RTN"} if method == "awq" else {}
         else:
-            if id(group) not in searched:
-                searched[id(group)] = _search(group, linears, group_size)
-            result, input_scale = searched[id(group)]
+            leader = group.names[0]
+            if leader not in searched:
+                searched[leader] = _search(group, linears, group_size)
+            result, input_scale = searched[leader]
             module = Int4Linear.from_linear(linear, group_size, input_scale)
             i = group.names.index(name)
             extra = {"rtn_output_error": result.rtn_errors[i],
