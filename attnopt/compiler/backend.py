@@ -19,7 +19,7 @@ from torch._guards import detect_fake_mode
 from torch.utils._pytree import tree_flatten
 
 from attnopt.backends.ops import inductor_decompositions, triton_usable
-from attnopt.compiler.capture import capture
+from attnopt.compiler.capture import capture, per_parameter_set
 from attnopt.compiler.options import Options
 from attnopt.compiler.pipeline import run_pipeline
 from attnopt.compiler.report import CompileReport, add_report, next_graph_id
@@ -43,13 +43,17 @@ def attnopt_backend(
     """
     opts = Options.parse(options)
     _check_kernels(opts, example_inputs)
+    return per_parameter_set(lambda inputs: _compile(gm, inputs, opts), example_inputs)
+
+
+def _compile(gm: fx.GraphModule, example_inputs: list, opts: Options) -> Callable:
     report = CompileReport(graph_id=next_graph_id(), passes=[], options=opts.as_dict(),
                            inner=opts.inner)
     passes = [p for p in PIPELINE if opts.passes is None or p.name in opts.passes]
 
     def compile_forward(aten: fx.GraphModule, args: list, training: bool, frozen: int) -> Callable:
         report.training, report.frozen_weights = training, frozen
-        report.passes = run_pipeline(aten, passes, opts, training=training, frozen=frozen > 0)
+        report.passes = run_pipeline(aten, passes, opts, training=training, frozen=not training)
         return _inner_compile(aten, args, opts, report, is_backward=False, inference=not training)
 
     def compile_backward(aten: fx.GraphModule, args: list) -> Callable:

@@ -7,8 +7,11 @@ tensor (shared, not copied), so weight rewrites happen once, at compile time, an
 function drops those arguments.
 
 Frozen weights are a promise: the compiled function keeps reading the tensors it was compiled
-with. In-place updates (load_state_dict, optimizer steps) are seen; rebinding a module's
-parameter to a new tensor is not, nor is anything a weight rewrite derived from the old values.
+with. Dynamo, though, reuses one compiled graph for every module with the same code and shapes —
+it guards parameters by identity only under Inductor's own freezing — so the function returned
+here checks which parameters it is called with and compiles a variant for each new set
+(`per_parameter_set`): decoder layers split by graph breaks each get their own. In-place
+updates (load_state_dict) are seen; what a weight rewrite derived (int4 codes, say) is not.
 Graphs that need gradients keep parameters as inputs and get no weight rewrites.
 """
 
@@ -59,6 +62,25 @@ def capture(
         gm, example_inputs, fw_compiler=forward_compiler, bw_compiler=compile_backward,
         decompositions={}, keep_inference_input_mutations=True,
     )
+
+
+def per_parameter_set(compile_for: Callable[[list], Callable], example_inputs: list) -> Callable:
+    """`compile_for(inputs)` once per set of parameter objects the graph is called with."""
+    positions = [i for i, t in enumerate(example_inputs) if isinstance(t, torch.nn.Parameter)]
+    first = compile_for(example_inputs)
+    if not positions or needs_grad(example_inputs):
+        return first
+    # Keyed by identity; the key's objects are kept alive so that an id is never reused.
+    variants = {tuple(id(example_inputs[i]) for i in positions):
+                ([example_inputs[i] for i in positions], first)}
+
+    def run(*args: Any) -> Any:
+        key = tuple(id(args[i]) for i in positions)
+        if key not in variants:
+            variants[key] = ([args[i] for i in positions], compile_for(list(args)))
+        return variants[key][1](*args)
+
+    return run
 
 
 def parameter_name(placeholder: fx.Node) -> str | None:

@@ -80,6 +80,11 @@ class Call(Pattern):
         for t in self.targets:
             if target is t:
                 return True
+            if isinstance(t, str):  # "ns::op": an op another library registers when imported
+                schema = getattr(target, "_schema", None)
+                if schema is not None and schema.name == t:
+                    return True
+                continue
             packet = getattr(target, "overloadpacket", None)
             if packet is not None and packet is t:
                 return True
@@ -219,6 +224,10 @@ class Matcher:
             bound = s.bind(p.name, v)
             if bound is not None:
                 yield from self._match_chain(p, v, bound)
+        elif isinstance(p, list | tuple) and any(isinstance(e, Pattern) for e in p):
+            # A list argument holding nodes (index's indices, cat's tensors): element by element.
+            if isinstance(v, list | tuple) and len(v) == len(p):
+                yield from self._match_all([(i, e) for i, e in enumerate(p)], dict(enumerate(v)), s)
         elif not isinstance(v, fx.Node) and _equal_literal(p, v):
             yield s
 

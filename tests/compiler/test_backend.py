@@ -184,8 +184,8 @@ def test_report_diff_html_and_report_dir(tmp_path):
     body = lambda d: d.split("\n", 2)[2]  # past the ---/+++ header lines
     assert body(whole) == body(per_pass) and "+softmax_default = attnopt.softmax(" in whole
     assert "-_softmax = aten._softmax(masked_fill, -1, False)" in whole
-    with pytest.raises(KeyError, match="no pass 'moe'"):
-        report.diff("moe")
+    with pytest.raises(KeyError, match="no pass 'kv_cache'"):
+        report.diff("kv_cache")
 
     page = (tmp_path / f"graph{report.graph_id}.html").read_text()
     assert "<h2>pass softmax: 1 rewrites</h2>" in page
@@ -228,3 +228,25 @@ def test_verify_records_error_and_catches_a_wrong_rewrite(monkeypatch):
     with torch.no_grad(), pytest.raises(Exception, match="differs from eager"):
         torch.compile(Net().eval(), backend="attnopt",
                       options={"inner": "eager", "verify": True, "strict": True})(*inputs())
+
+
+def test_graph_reused_for_another_layer_gets_that_layers_weights():
+    """Dynamo reuses one compiled graph for every module with the same code and shapes and
+    passes that module's parameters: frozen weights must not leak from the first module."""
+
+    class Layer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(16, 16)
+
+        def forward(self, x):
+            x = self.proj(x)
+            torch._dynamo.graph_break()
+            return torch.softmax(x, -1)
+
+    model = nn.Sequential(Layer(), Layer(), Layer()).eval()
+    x = torch.randn(2, 16)
+    with torch.no_grad():
+        assert_matches_eager(model, x, options={"inner": "eager"})
+        weights = [r.frozen_weights for r in attnopt.reports()]
+    assert weights.count(2) == 3  # one variant of the projection graph per layer
