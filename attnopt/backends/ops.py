@@ -17,7 +17,7 @@ import math
 import torch
 from torch import Tensor
 
-from attnopt.backends import int4_cpu, reference
+from attnopt.backends import int4_cpu, moe_cpu, reference
 from attnopt.backends.triton import HAVE_TRITON, interpreting
 
 IMPLS = ("auto", "triton", "reference")
@@ -235,6 +235,76 @@ def _(x, qweight, scales, zeros, bias, group_size, impl="auto"):
     return x.new_empty((*x.shape[:-1], qweight.shape[0]))
 
 
+# --- moe -----------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("attnopt::moe", mutates_args=())
+def moe(
+    x: Tensor,
+    topk_ids: Tensor,
+    topk_weights: Tensor,
+    w_gate_up: Tensor,
+    w_down: Tensor,
+    activation: str = "silu",
+    impl: str = "auto",
+) -> Tensor:
+    """Routed experts: out[t] = Σ_j topk_weights[t, j] · W_down[e] (act(W_gate[e] x[t]) ⊙
+    W_up[e] x[t]), e = topk_ids[t, j], over x [T, H], w_gate_up [E, 2I, H], w_down [E, H, I];
+    `reference.moe`. The CPU path is `moe_cpu.moe`, the Triton one `triton.moe.fused_moe`."""
+    if _use_triton(impl, x):
+        from attnopt.backends.triton import moe as kernel
+
+        return kernel.fused_moe(x, topk_ids, topk_weights, w_gate_up, w_down, activation)
+    if impl == "reference":
+        return reference.moe(x, topk_ids, topk_weights, w_gate_up, w_down, activation)
+    return moe_cpu.moe(x, topk_ids, topk_weights, w_gate_up, w_down, activation)
+
+
+@moe.register_fake
+def _(x, topk_ids, topk_weights, w_gate_up, w_down, activation="silu", impl="auto"):
+    reference.check_moe(x, topk_ids, topk_weights, w_gate_up, w_down, activation)
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("attnopt::moe_backward", mutates_args=())
+def moe_backward(
+    grad: Tensor,
+    x: Tensor,
+    topk_ids: Tensor,
+    topk_weights: Tensor,
+    w_gate_up: Tensor,
+    w_down: Tensor,
+    activation: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The gradients of `moe` with respect to x, topk_weights, w_gate_up and w_down, in fp32
+    (fp64 for fp64), expert by expert; see `reference.moe_backward`. An op of its own so that
+    tracing a backward graph does not look into the data-dependent expert loop."""
+    return reference.moe_backward(grad, x, topk_ids, topk_weights, w_gate_up, w_down,
+                                  activation)
+
+
+@moe_backward.register_fake
+def _(grad, x, topk_ids, topk_weights, w_gate_up, w_down, activation):
+    return tuple(t.new_empty(t.shape) for t in (x, topk_weights, w_gate_up, w_down))
+
+
+def _moe_setup(ctx, inputs, output):
+    x, topk_ids, topk_weights, w_gate_up, w_down, activation, _impl = inputs
+    ctx.save_for_backward(x, topk_ids, topk_weights, w_gate_up, w_down)
+    ctx.activation = activation
+
+
+def _moe_backward(ctx, grad):
+    # The routing ids are integers and get no gradient.
+    x, topk_ids, topk_weights, w_gate_up, w_down = ctx.saved_tensors
+    dx, dweights, dgate_up, ddown = moe_backward(grad, x, topk_ids, topk_weights, w_gate_up,
+                                                 w_down, ctx.activation)
+    return dx, None, dweights, dgate_up, ddown, None, None
+
+
+moe.register_autograd(_moe_backward, setup_context=_moe_setup)
+
+
 # --- handing CPU paths to Inductor ------------------------------------------------------------
 
 
@@ -258,4 +328,7 @@ def inductor_decompositions() -> dict:
     return {
         torch.ops.attnopt.softmax.default: _softmax_as_aten,
         torch.ops.attnopt.attention.default: _attention_as_aten,
+        # attnopt::moe stays opaque: its CPU path validates the ids (a data-dependent error),
+        # sorts and bins them, and picks torch._grouped_mm or a loop over the non-empty experts
+        # from the operands' strides; Inductor would only call the same ATen kernels.
     }

@@ -99,3 +99,159 @@ def w4a16_linear(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, bias
     w = int4.dequantize(qweight, scales, zeros, group_size, x.shape[-1], torch.float32)
     out = x.float() @ w.T
     return (out if bias is None else out + bias.float()).to(x.dtype)
+
+
+# --- mixture of experts ----------------------------------------------------------------------
+
+MOE_ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
+
+
+def moe_activation(gate: Tensor, activation: str) -> Tensor:
+    """act(gate) for the `activation` names of `moe`: SiLU, exact (erf) GELU, tanh-approximated
+    GELU (transformers' "silu"/"swish", "gelu", "gelu_pytorch_tanh")."""
+    if activation == "silu":
+        return torch.nn.functional.silu(gate)
+    if activation == "gelu":
+        return torch.nn.functional.gelu(gate)
+    if activation == "gelu_tanh":
+        return torch.nn.functional.gelu(gate, approximate="tanh")
+    raise ValueError(f"activation={activation!r} is not one of {MOE_ACTIVATIONS}")
+
+
+def check_moe(x: Tensor, topk_ids: Tensor, topk_weights: Tensor, w_gate_up: Tensor,
+              w_down: Tensor, activation: str) -> None:
+    """The checks of `moe` that need no look at the data (shapes, dtypes, activation): every
+    path runs them, the fake implementation too."""
+    if activation not in MOE_ACTIVATIONS:
+        raise ValueError(f"activation={activation!r} is not one of {MOE_ACTIVATIONS}")
+    if x.dim() != 2 or not x.is_floating_point():
+        raise ValueError(f"moe takes x as a floating [T, H] tensor, got {x.dtype} "
+                         f"{tuple(x.shape)}")
+    if topk_ids.dim() != 2 or topk_ids.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"topk_ids must be [T, k] int32 or int64, got {topk_ids.dtype} "
+                         f"{tuple(topk_ids.shape)}")
+    if topk_weights.shape != topk_ids.shape or not topk_weights.is_floating_point():
+        raise ValueError(f"topk_weights must be a floating tensor shaped like topk_ids "
+                         f"{tuple(topk_ids.shape)}, got {topk_weights.dtype} "
+                         f"{tuple(topk_weights.shape)}")
+    if topk_ids.shape[0] != x.shape[0]:
+        raise ValueError(f"topk_ids has {topk_ids.shape[0]} rows but x has {x.shape[0]} tokens")
+    h = x.shape[1]
+    if w_gate_up.dim() != 3 or w_gate_up.shape[2] != h or w_gate_up.shape[1] % 2:
+        raise ValueError(f"w_gate_up must be [E, 2I, H={h}], got {tuple(w_gate_up.shape)}")
+    e, i = w_gate_up.shape[0], w_gate_up.shape[1] // 2
+    if tuple(w_down.shape) != (e, h, i):
+        raise ValueError(f"w_down must be [E, H, I] = {[e, h, i]} to match w_gate_up "
+                         f"{tuple(w_gate_up.shape)}, got {tuple(w_down.shape)}")
+    if not (x.dtype == w_gate_up.dtype == w_down.dtype):
+        raise ValueError(f"x, w_gate_up and w_down must share one dtype, got {x.dtype}, "
+                         f"{w_gate_up.dtype} and {w_down.dtype}")
+
+
+def check_moe_ids(topk_ids: Tensor, num_experts: int) -> None:
+    """Every expert id in [0, E). Reads the ids (a device sync on a GPU), so only the reference
+    and CPU paths run it; the Triton path drops out-of-range pairs instead (`triton/moe.py`)."""
+    if topk_ids.numel() == 0:
+        return
+    lo, hi = (int(v) for v in topk_ids.aminmax())
+    if lo < 0 or hi >= num_experts:
+        bad = lo if lo < 0 else hi
+        raise ValueError(f"moe: topk_ids holds expert id {bad}, outside [0, {num_experts}) "
+                         f"(w_gate_up has {num_experts} experts)")
+
+
+def moe(
+    x: Tensor,
+    topk_ids: Tensor,
+    topk_weights: Tensor,
+    w_gate_up: Tensor,
+    w_down: Tensor,
+    activation: str = "silu",
+) -> Tensor:
+    """The routed experts of a sparse mixture-of-experts block, as transformers' `MixtralExperts`
+    (and Qwen2-MoE's, OLMoE's) compute them:
+
+        out[t] = Σ_j topk_weights[t, j] · W_down[e] (act(W_gate[e] x[t]) ⊙ W_up[e] x[t]),
+        e = topk_ids[t, j],
+
+    over x [T, H], topk_ids [T, k] (int32 or int64, each in [0, E)), topk_weights [T, k] (any
+    floating dtype), w_gate_up [E, 2I, H] with W_gate[e] = w_gate_up[e, :I] and
+    W_up[e] = w_gate_up[e, I:] (the order of transformers' `.chunk(2, -1)`), and
+    w_down [E, H, I]. `activation` is "silu", "gelu" (erf) or "gelu_tanh". x and both weights
+    share one dtype; the result is a contiguous [T, H] in it. An expert may get no tokens or all
+    of them, and the same expert twice for one token counts twice. An id outside [0, E) is a
+    ValueError.
+
+    Precision, for 16-bit x (fp32 x computes in fp32 throughout, fp64 in fp64):
+    1. gate and up products accumulate in fp32 and stay fp32 through act(gate) ⊙ up;
+    2. that intermediate is rounded once to x's dtype — it is the second GEMM's operand, as in
+       eager, where every `F.linear` output is 16-bit;
+    3. the down product accumulates in fp32, is multiplied by the routing weight in fp32, and
+       the k weighted outputs of a token are summed in fp32;
+    4. the sum is rounded once to x's dtype.
+    Eager transformers rounds more often (gate/up and down outputs to 16 bits; each weighted
+    output to 16 bits before a 16-bit `index_add_`), so it agrees with this to 16-bit rounding.
+    """
+    check_moe(x, topk_ids, topk_weights, w_gate_up, w_down, activation)
+    num_experts, inter = w_gate_up.shape[0], w_gate_up.shape[1] // 2
+    check_moe_ids(topk_ids, num_experts)
+    cdt = compute_dtype(x.dtype)
+    xf = x.to(cdt)
+    out = torch.zeros(x.shape, dtype=cdt, device=x.device)
+    for e in range(num_experts):
+        tokens, slot = (topk_ids == e).nonzero(as_tuple=True)
+        if tokens.numel() == 0:
+            continue
+        gate_up = xf[tokens] @ w_gate_up[e].to(cdt).T
+        h = moe_activation(gate_up[:, :inter], activation) * gate_up[:, inter:]
+        y = h.to(x.dtype).to(cdt) @ w_down[e].to(cdt).T
+        out.index_add_(0, tokens, y * topk_weights[tokens, slot, None].to(cdt))
+    return out.to(x.dtype)
+
+
+def moe_backward(grad: Tensor, x: Tensor, topk_ids: Tensor, topk_weights: Tensor,
+                 w_gate_up: Tensor, w_down: Tensor, activation: str = "silu",
+                 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of `moe` (without its rounding of the intermediate) with respect to x,
+    topk_weights, w_gate_up and w_down, computed in fp32 (fp64 for fp64) and returned in their
+    dtypes. For a pair (t, j) of expert e with a = x[t], g = W_gate a, u = W_up a,
+    h = act(g) ⊙ u, y = W_down h and G = grad[t]:
+
+        dtopk_weights[t, j] = G · y,   dy = topk_weights[t, j] G,   dW_down += dy hᵀ,
+        dh = W_downᵀ dy,   dg = act'(g) ⊙ u ⊙ dh,   du = act(g) ⊙ dh,
+        dW_gate += dg aᵀ,   dW_up += du aᵀ,   dx[t] += W_gateᵀ dg + W_upᵀ du.
+    """
+    check_moe(x, topk_ids, topk_weights, w_gate_up, w_down, activation)
+    num_experts, inter = w_gate_up.shape[0], w_gate_up.shape[1] // 2
+    check_moe_ids(topk_ids, num_experts)
+    cdt = compute_dtype(x.dtype)
+    xf, gf, wf = x.to(cdt), grad.to(cdt), topk_weights.to(cdt)
+    dx = torch.zeros(x.shape, dtype=cdt, device=x.device)
+    dweights = torch.zeros(topk_weights.shape, dtype=cdt, device=x.device)
+    dgate_up = torch.zeros(w_gate_up.shape, dtype=cdt, device=x.device)
+    ddown = torch.zeros(w_down.shape, dtype=cdt, device=x.device)
+    for e in range(num_experts):
+        tokens, slot = (topk_ids == e).nonzero(as_tuple=True)
+        if tokens.numel() == 0:
+            continue
+        a, wgu, wd = xf[tokens], w_gate_up[e].to(cdt), w_down[e].to(cdt)
+        gate_up = a @ wgu.T
+        g, u = gate_up[:, :inter], gate_up[:, inter:]
+        act_g = moe_activation(g, activation)
+        h = act_g * u
+        y = h @ wd.T
+        dweights[tokens, slot] = (gf[tokens] * y).sum(-1)
+        dy = gf[tokens] * wf[tokens, slot, None]
+        ddown[e] = dy.T @ h
+        dh = dy @ wd
+        if activation == "silu":
+            dg = torch.ops.aten.silu_backward(dh * u, g)
+        else:
+            dg = torch.ops.aten.gelu_backward(dh * u, g,
+                                              approximate="tanh" if activation == "gelu_tanh"
+                                              else "none")
+        dgu = torch.cat([dg, dh * act_g], 1)
+        dgate_up[e] = dgu.T @ a
+        dx.index_add_(0, tokens, dgu @ wgu)
+    return (dx.to(x.dtype), dweights.to(topk_weights.dtype), dgate_up.to(w_gate_up.dtype),
+            ddown.to(w_down.dtype))

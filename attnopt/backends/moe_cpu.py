@@ -1,0 +1,89 @@
+"""The CPU path of `attnopt::moe` (semantics: `reference.moe`): sorted and grouped, in plain
+PyTorch.
+
+The T·k (token, expert) pairs are sorted by expert (a stable sort, so within an expert the
+pairs keep token order), which makes each expert's rows one contiguous slice of the gathered
+activations. Each projection is then one grouped GEMM over those slices: ATen's
+`torch._grouped_mm` (which has a CPU kernel in torch 2.13) where its layout rules hold, else one
+`torch.mm` per *non-empty* expert — the Python loop runs over the histogram of experts, never
+over tokens. The weighted expert outputs go back to pair order and the k outputs of each token
+are summed in fp32, in slot order.
+
+Precision (compare `reference.moe`): ATen's CPU GEMMs return their input dtype, so with 16-bit
+x the gate/up and down products are rounded to 16 bits (as in eager transformers); activation,
+gating, routing weights and the sum over k run in fp32, and the intermediate and the result are
+rounded once each to x's dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from attnopt.backends import reference
+
+# dtypes torch._grouped_mm takes on CPU; its operands' non-unit strides and base addresses must
+# be multiples of 16 bytes (odd H or I fall back to the per-expert loop).
+_GROUPED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def grouped_mm_ok(*mats: Tensor) -> bool:
+    """True if `torch._grouped_mm` accepts these operands: a supported dtype, a 16-byte aligned
+    base, and (ATen's rule) one of the last two dims of unit stride with the other's stride, as
+    every other stride, a multiple of 16 bytes."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    for m in mats:
+        if m.dtype not in _GROUPED_DTYPES or m.data_ptr() % 16:
+            return False
+        align = 16 // m.element_size()
+        (rows, cols), (s_row, s_col) = m.shape[-2:], m.stride()[-2:]
+        if s_row == 1 and s_col >= max(1, rows):
+            lead = s_col
+        elif s_col == 1 and s_row >= max(1, cols):
+            lead = s_row
+        else:
+            return False
+        if lead % align or any(s % align for s in m.stride()[:-2]):
+            return False
+    return True
+
+
+def grouped_linear(a: Tensor, w: Tensor, counts: Tensor) -> Tensor:
+    """Rows of `a` [S, K] sorted by expert, `counts[e]` of them for expert e, each times
+    w[e]ᵀ (w [E, N, K]): the [S, N] result, in a's dtype."""
+    wt = w.transpose(1, 2)
+    offsets = counts.cumsum(0, dtype=torch.int32)
+    if grouped_mm_ok(a, wt):
+        return torch._grouped_mm(a, wt, offs=offsets)
+    out = torch.empty((a.shape[0], w.shape[1]), dtype=a.dtype, device=a.device)
+    start = 0
+    for e, end in enumerate(offsets.tolist()):
+        if end > start:
+            torch.mm(a[start:end], wt[e], out=out[start:end])
+        start = end
+    return out
+
+
+def moe(x: Tensor, topk_ids: Tensor, topk_weights: Tensor, w_gate_up: Tensor, w_down: Tensor,
+        activation: str = "silu") -> Tensor:
+    """`reference.moe`, sorted by expert and grouped; see the module docstring."""
+    reference.check_moe(x, topk_ids, topk_weights, w_gate_up, w_down, activation)
+    num_experts, inter = w_gate_up.shape[0], w_gate_up.shape[1] // 2
+    reference.check_moe_ids(topk_ids, num_experts)
+    t, k = topk_ids.shape
+    cdt = reference.compute_dtype(x.dtype)
+    if t * k == 0 or inter == 0:
+        return torch.zeros(x.shape, dtype=x.dtype, device=x.device)
+
+    expert_sorted, order = torch.sort(topk_ids.reshape(-1), stable=True)
+    counts = torch.bincount(expert_sorted, minlength=num_experts)
+    xs = x[order // k]                                             # [S, H], grouped by expert
+    gate_up = grouped_linear(xs, w_gate_up, counts)                # [S, 2I]
+    h = reference.moe_activation(gate_up[:, :inter].to(cdt), activation)
+    h = h.mul_(gate_up[:, inter:]).to(x.dtype)                     # [S, I]
+    y = grouped_linear(h, w_down, counts).to(cdt)                  # [S, H]
+    y.mul_(topk_weights.reshape(-1)[order, None])
+    pairs = torch.empty_like(y)
+    pairs[order] = y                                               # back to (token, slot) order
+    return pairs.view(t, k, -1).sum(1).to(x.dtype)

@@ -1,0 +1,147 @@
+"""moe: the routed experts of a mixture-of-experts block become one `attnopt::moe`.
+
+The op's inputs are what every form shares: the hidden states x [T, H], the router's top-k
+expert ids and weights [T, k], and the stacked expert weights gate_up [E, 2I, H] and
+down [E, H, I] (frozen constants). Its output is Σ_j w[t, j] · down_e(act(gate_e x) ⊙ up_e x).
+The router itself (softmax then top-k, or top-k then softmax, renormalised or not) stays in the
+graph: it is cheap, and every model spells it differently.
+
+The expert computation, as transformers v5 writes it (`integrations/moe.py`):
+
+    grouped_mm  sort the flat ids; gather x[perm // k] and w[perm]; offsets = cumsum(histc(ids));
+                gate_up = grouped_mm(xs, gate_upᵀ, offsets); h = act(gate) ⊙ up;
+                y = grouped_mm(h, downᵀ, offsets) · w; y = y[inverse(perm)];
+                out = y.view(T, k, H).sum(1)
+    batched_mm  xs = x repeated k times; gate_up = bmm(gate_up[ids], xs); h = act(gate) ⊙ up;
+                y = bmm(down[ids], h) · w; out = y.view(T, k, H).sum(1)
+
+grouped_mm is `transformers.grouped_mm_fallback` (its CPU custom op) or `aten._grouped_mm`.
+The `eager` implementation loops over the experts that were hit — a data-dependent loop that
+Dynamo cannot put in one graph, so it reaches us in pieces and is left alone.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+
+from attnopt.backends import ops  # noqa: F401  (registers torch.ops.attnopt.*)
+from attnopt.compiler.graph import fake_value, insert_call
+from attnopt.compiler.pattern import ANY, Call, Capture, Literal, Match, Rule, optional
+from attnopt.compiler.rewrite import PatternPass
+from attnopt.passes.linear import is_constant
+
+aten = torch.ops.aten
+_VIEWS = (aten.view.default, aten._unsafe_view.default, aten.reshape.default)
+
+
+x, topk_ids, topk_weights = Capture("x"), Capture("topk_ids"), Capture("topk_weights")
+w_gate_up = Capture("w_gate_up", where=is_constant)
+w_down = Capture("w_down", where=is_constant)
+flat_ids = Call(_VIEWS, topk_ids, [-1])
+flat_weights = Call(_VIEWS, topk_weights, [-1])
+
+
+def gated(projection: Call) -> Call:
+    """act(gate) ⊙ up for the [S, 2I] projection, split in halves (gate first)."""
+    halves = Call(aten.split.Tensor, projection, Literal("intermediate"), -1)
+    gate, up = Call(operator.getitem, halves, 0), Call(operator.getitem, halves, 1)
+    act = (Call(aten.silu.default, gate, name="silu")
+           | Call(aten.gelu.default, gate, approximate=Literal("approximate")))
+    return Call(aten.mul.Tensor, act, up)
+
+
+def summed_over_topk(weighted: Call) -> Call:
+    """out = y.view(T, k, H).sum(1), cast back to the activations' dtype if it was promoted."""
+    total = Call(aten.sum.dim_IntList, Call(_VIEWS, weighted, Literal("tkh")), [1])
+    return optional(Call(aten._to_copy.default, total, dtype=ANY), through=total)
+
+
+def routed(projection: Call, weights: Call) -> Call:
+    return Call(aten.mul.Tensor, projection, Call(aten.unsqueeze.default, weights, -1))
+
+
+# --- grouped_mm -----------------------------------------------------------------------------------
+
+# transformers registers its CPU fallback when it is imported: named, not imported, here.
+_GROUPED = (aten._grouped_mm.default, "transformers::grouped_mm_fallback")
+_sorted = Call(aten.sort.default, flat_ids)
+perm = Call(operator.getitem, _sorted, 1)
+offsets = Call(aten.cumsum.default, Call(aten.histc.default, Call(
+    aten._to_copy.default, Call(operator.getitem, _sorted, 0), dtype=ANY), Literal("experts"),
+    ANY, ANY), 0, dtype=ANY)
+x_sorted = Call(aten.index.Tensor, x, [Call(aten.floor_divide.default, perm, Literal("k"))])
+inverse = Call(aten.index_put.default, Call(aten.empty_like.default, perm, pin_memory=ANY),
+               [perm], Call(aten.arange.default, ANY, device=ANY, pin_memory=ANY))
+
+
+def grouped_mm(a: Call, weight: Capture) -> Call:
+    return Call(_GROUPED, a, Call(aten.transpose.int, weight, -2, -1), offsets)
+
+
+grouped = summed_over_topk(Call(aten.index.Tensor, routed(
+    grouped_mm(gated(grouped_mm(x_sorted, w_gate_up)), w_down),
+    Call(aten.index.Tensor, flat_weights, [perm])), [inverse]))
+
+# --- batched_mm -----------------------------------------------------------------------------------
+
+_expanded = Call(aten.expand.default, Call(aten.unsqueeze.default, x, 1), ANY)
+x_repeated = Call(_VIEWS, Call(aten.clone.default, _expanded, memory_format=ANY) | _expanded, ANY)
+
+
+def batched_mm(weight: Capture, a: Call) -> Call:
+    picked = Call(aten.index.Tensor, weight, [flat_ids])
+    return Call(aten.squeeze.dim, Call(aten.bmm.default, picked,
+                                       Call(aten.unsqueeze.default, a, -1)), -1)
+
+
+batched = summed_over_topk(routed(
+    batched_mm(w_down, gated(batched_mm(w_gate_up, x_repeated))), flat_weights))
+
+
+# --- check and rewrite ----------------------------------------------------------------------------
+
+
+def activation(m: Match) -> str:
+    if "silu" in m.captures:
+        return "silu"
+    return "gelu_tanh" if m["approximate"] == "tanh" else "gelu"
+
+
+def check(m: Match, ctx=None) -> str | None:
+    xv, ids, w = fake_value(m["x"]), fake_value(m["topk_ids"]), fake_value(m["topk_weights"])
+    gu, down = fake_value(m["w_gate_up"]), fake_value(m["w_down"])
+    if xv.dim() != 2 or ids.dim() != 2 or tuple(w.shape) != tuple(ids.shape):
+        return f"x {list(xv.shape)}, ids {list(ids.shape)}, weights {list(w.shape)}: not [T, H]"
+    t, k = ids.shape
+    e, two_i, h = gu.shape
+    if down.shape != (e, h, two_i // 2) or m["intermediate"] * 2 != two_i or xv.shape[1] != h:
+        return (f"expert weights gate_up {list(gu.shape)} / down {list(down.shape)} do not fit "
+                f"hidden {xv.shape[1]} and intermediate {m['intermediate']}")
+    if list(m["tkh"]) not in ([t, k, h], [-1, k, h]):
+        return f"the top-k sum views the outputs as {m['tkh']}, not [T, k, H] = [{t}, {k}, {h}]"
+    if "k" in m.captures and m["k"] != k:
+        return f"tokens are gathered as perm // {m['k']} but top-k is {k}"
+    if "experts" in m.captures and m["experts"] != e:
+        return f"the histogram has {m['experts']} bins for {e} experts"
+    if m.anchor.target is aten._to_copy.default and fake_value(m.anchor).dtype != xv.dtype:
+        return f"the result is cast to {fake_value(m.anchor).dtype}, not to x's {xv.dtype}"
+    return None
+
+
+def rewrite(m: Match, graph: fx.Graph, ctx) -> fx.Node:
+    out = insert_call(graph, torch.ops.attnopt.moe.default, (
+        m["x"], m["topk_ids"], m["topk_weights"], m["w_gate_up"], m["w_down"], activation(m)),
+        {"impl": ctx.options.kernels})
+    want = fake_value(m.anchor).dtype
+    if want != fake_value(out).dtype:  # the summed fp32 result eager returned before its cast
+        out = insert_call(graph, aten._to_copy.default, (out,), {"dtype": want})
+    return out
+
+
+moe_pass = PatternPass("moe", counts_as="moe", rules=[
+    Rule("grouped_mm", grouped, rewrite, check),
+    Rule("batched_mm", batched, rewrite, check),
+], needs_frozen_weights=True)
