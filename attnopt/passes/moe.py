@@ -16,8 +16,18 @@ The expert computation, as transformers v5 writes it (`integrations/moe.py`):
                 y = bmm(down[ids], h) · w; out = y.view(T, k, H).sum(1)
 
 grouped_mm is `transformers.grouped_mm_fallback` (its CPU custom op) or `aten._grouped_mm`.
-The `eager` implementation loops over the experts that were hit — a data-dependent loop that
-Dynamo cannot put in one graph, so it reaches us in pieces and is left alone.
+
+And the classic form, an `nn.ModuleList` of expert MLPs (w1, w3, w2) and a loop over all of them:
+
+    mask = one_hot(ids, E).permute(2, 1, 0)
+    for e in range(E):
+        slot, tok = where(mask[e]);  y = w2_e(act(w1_e(x[tok])) * w3_e(x[tok])) * w[tok, slot]
+        out.index_add_(0, tok, y)
+
+which Dynamo puts in one graph when `capture_dynamic_output_shape_ops` is on (`where` has a
+data-dependent size); the E per-expert weights are stacked once, at compile time. The `eager`
+implementation of transformers loops over the experts that were *hit*, a loop whose length is
+data: Dynamo cannot put it in one graph, so it reaches us in pieces and is left alone.
 """
 
 from __future__ import annotations
@@ -26,12 +36,24 @@ import operator
 
 import torch
 import torch.fx as fx
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from attnopt.backends import ops  # noqa: F401  (registers torch.ops.attnopt.*)
 from attnopt.compiler.graph import fake_value, insert_call
-from attnopt.compiler.pattern import ANY, Call, Capture, Literal, Match, Rule, optional
+from attnopt.compiler.options import Options
+from attnopt.compiler.pattern import (
+    ANY,
+    Call,
+    Capture,
+    Literal,
+    Match,
+    Matcher,
+    Pattern,
+    Rule,
+    optional,
+)
 from attnopt.compiler.rewrite import PatternPass
-from attnopt.passes.linear import is_constant
+from attnopt.passes.linear import constant, constant_node, is_constant
 
 aten = torch.ops.aten
 _VIEWS = (aten.view.default, aten._unsafe_view.default, aten.reshape.default)
@@ -141,7 +163,111 @@ def rewrite(m: Match, graph: fx.Graph, ctx) -> fx.Node:
     return out
 
 
-moe_pass = PatternPass("moe", counts_as="moe", rules=[
-    Rule("grouped_mm", grouped, rewrite, check),
-    Rule("batched_mm", batched, rewrite, check),
-], needs_frozen_weights=True)
+# --- the classic loop over a ModuleList of experts --------------------------------------------
+
+expert = Literal("expert")
+_one_hot = Call(aten.permute.default, Call(aten._to_copy.default, Call(
+    aten.eq.Tensor, Call(aten.unsqueeze.default, topk_ids, -1),
+    Call(aten.arange.default, Literal("experts"), dtype=ANY, device=ANY, pin_memory=ANY)),
+    dtype=torch.int64), [2, 1, 0])
+_hits = Call(aten.unbind.int, Call(aten.nonzero.default, Call(
+    aten.select.int, _one_hot, 0, expert)), 1)
+slot, token = Call(operator.getitem, _hits, 0), Call(operator.getitem, _hits, 1)
+x_token = Call(_VIEWS, Call(aten.index.Tensor, Call(aten.unsqueeze.default, x, 0),
+                            [None, token]), ANY)
+
+
+def _linear(a: Pattern, name: str) -> Call:
+    return Call(aten.mm.default, a, Call(aten.t.default, Capture(name, where=is_constant)))
+
+
+_act = (Call(aten.silu.default, _linear(x_token, "w1"), name="silu")
+        | Call(aten.gelu.default, _linear(x_token, "w1"), approximate=Literal("approximate")))
+_expert_out = _linear(Call(aten.mul.Tensor, _act, _linear(x_token, "w3")), "w2")
+_weighted = Call(aten.mul.Tensor, _expert_out, Call(aten.index.Tensor, Call(
+    aten.unsqueeze.default, topk_weights, 2), [token, slot]))
+loop_step = Call(aten.index_add.default, Capture("acc"), 0, token,
+                 Call(aten._to_copy.default, _weighted, dtype=ANY) | _weighted)
+
+
+class ExpertLoop:
+    """The classic form is E copies of one step chained through `acc`: a fixed-size pattern
+    cannot say that, so the steps are matched one by one from the last index_add back to the
+    zeros they start from, and each must be expert e = 0, 1, ... over the same x, ids, weights."""
+
+    def apply(self, gm: fx.GraphModule, ctx) -> int:
+        rewrites = 0
+        for node in reversed(list(gm.graph.nodes)):
+            if node.target is aten.index_add.default and not getattr(node, "_erased", False) \
+                    and not any(u.target is aten.index_add.default for u in node.users):
+                steps = self._steps(node)
+                if isinstance(steps, str):
+                    ctx.reject(node, steps)
+                elif steps:
+                    self._rewrite(gm, node, steps, ctx)
+                    rewrites += 1
+        if rewrites:
+            gm.graph.eliminate_dead_code()
+        return rewrites
+
+    def _steps(self, last: fx.Node) -> list[Match] | str | None:
+        steps, node = [], last
+        while node.target is aten.index_add.default:
+            m = next(Matcher().match(loop_step, node), None)
+            if m is None:
+                return None if not steps else "an index_add in the expert loop is not one step"
+            steps.append(m)
+            node = m["acc"]
+        steps.reverse()
+        if node.target is not aten.zeros_like.default or not steps:
+            return None
+        first = steps[0]
+        same = ("x", "topk_ids", "topk_weights", "experts")
+        if any(any(s[k] is not first[k] and s[k] != first[k] for k in same) for s in steps) \
+                or [s["expert"] for s in steps] != list(range(first["experts"])) \
+                or node.args[0] is not first["x"]:
+            return (f"the index_add chain is not one loop over experts 0..{first['experts'] - 1}"
+                    " of the same tokens, ids and weights")
+        if len({activation(s) for s in steps}) != 1:
+            return "the experts use different activations"
+        return steps
+
+    def _rewrite(self, gm: fx.GraphModule, last: fx.Node, steps: list[Match], ctx) -> None:
+        first = steps[0]
+        with unset_fake_temporarily():
+            def stacked(*names: str) -> torch.Tensor:
+                return torch.stack([torch.cat([constant(gm, s[n]) for n in names])
+                                    for s in steps])
+
+            gate_up, down = stacked("w1", "w3"), stacked("w2")
+        with gm.graph.inserting_before(last):
+            w_gu = constant_node(gm, f"{last.name}_moe_gate_up", gate_up)
+            w_d = constant_node(gm, f"{last.name}_moe_down", down)
+            out = insert_call(gm.graph, torch.ops.attnopt.moe.default, (
+                first["x"], first["topk_ids"], first["topk_weights"], w_gu, w_d,
+                activation(first)), {"impl": ctx.options.kernels})
+            out.meta["attnopt_rule"] = "moe.module_list"
+        last.replace_all_uses_with(out)
+
+
+class MoePass:
+    """The transformers experts forms (a rule table) and the classic expert loop."""
+
+    name = counts_as = "moe"
+    needs_frozen_weights = True
+
+    def __init__(self) -> None:
+        self.forms = PatternPass("moe", counts_as="moe", rules=[
+            Rule("grouped_mm", grouped, rewrite, check),
+            Rule("batched_mm", batched, rewrite, check),
+        ], needs_frozen_weights=True)
+        self.loop = ExpertLoop()
+
+    def not_applicable(self, options: Options) -> str | None:
+        return None
+
+    def apply(self, gm: fx.GraphModule, ctx) -> int:
+        return self.forms.apply(gm, ctx) + self.loop.apply(gm, ctx)
+
+
+moe_pass = MoePass()

@@ -80,3 +80,71 @@ def test_training_graph_keeps_experts():
     report = attnopt.reports()[0]
     assert report.counts["moe"] == 0
     assert report.pass_record("moe").skipped == "weights are not frozen (a training graph)"
+
+
+# --- the classic form: a ModuleList of expert MLPs and a loop with index_add_ -----------------
+
+
+class Expert(torch.nn.Module):
+    def __init__(self, h: int, i: int) -> None:
+        super().__init__()
+        self.w1 = torch.nn.Linear(h, i, bias=False)
+        self.w3 = torch.nn.Linear(h, i, bias=False)
+        self.w2 = torch.nn.Linear(i, h, bias=False)
+
+    def forward(self, x):
+        return self.w2(torch.nn.functional.silu(self.w1(x)) * self.w3(x))
+
+
+class ClassicMoE(torch.nn.Module):
+    """Mixtral as transformers v4 wrote it: softmax, top-k, renormalise, loop over experts."""
+
+    def __init__(self, h: int = 32, i: int = 48, experts: int = 4, k: int = 2,
+                 looped: int | None = None) -> None:
+        super().__init__()
+        self.gate = torch.nn.Linear(h, experts, bias=False)
+        self.experts = torch.nn.ModuleList(Expert(h, i) for _ in range(experts))
+        self.k, self.looped = k, looped or experts
+
+    def forward(self, x):
+        b, s, h = x.shape
+        x = x.view(-1, h)
+        weights = torch.softmax(self.gate(x), dim=1, dtype=torch.float)
+        weights, chosen = torch.topk(weights, self.k, dim=-1)
+        weights = (weights / weights.sum(-1, keepdim=True)).to(x.dtype)
+        out = torch.zeros_like(x)
+        mask = torch.nn.functional.one_hot(chosen, num_classes=len(self.experts)).permute(2, 1, 0)
+        for e in range(self.looped):
+            slot, token = torch.where(mask[e])
+            y = self.experts[e](x[None, token].reshape(-1, h)) * weights[token, slot, None]
+            out.index_add_(0, token, y.to(x.dtype))
+        return out.view(b, s, h)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_module_list_loop_becomes_one_op_with_stacked_weights(dtype):
+    model, x = ClassicMoE().to(dtype).eval(), torch.randn(2, 5, 32).to(dtype)
+    tol = None if dtype == torch.float32 else 2e-2
+    with torch.no_grad(), torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+        (report,) = assert_matches_eager(model, x, options={"inner": "eager"}, rtol=tol, atol=tol)
+    assert report.counts["moe"] == 1
+    after = report.passes[-1].after
+    assert not [line for line in after if "aten.index_add(" in line]
+    assert sum("aten.mm(" in line for line in after) == 1  # the router; the experts are gone
+
+
+def test_loop_over_some_experts_is_refused_with_reason():
+    model, x = ClassicMoE(looped=3).eval(), torch.randn(2, 5, 32)
+    with torch.no_grad(), torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+        (report,) = assert_matches_eager(model, x, options={"inner": "eager"})
+    assert report.counts["moe"] == 0
+    (reason,) = report.pass_record("moe").rejected
+    assert "not one loop over experts 0..3" in reason
+
+
+def test_loop_split_by_graph_breaks_is_left_alone():
+    """Without capture_dynamic_output_shape_ops, `where` breaks the graph in every iteration."""
+    with torch.no_grad():
+        reports = assert_matches_eager(ClassicMoE().eval(), torch.randn(2, 5, 32),
+                                       options={"inner": "eager"})
+    assert len(reports) > 1 and sum(r.counts["moe"] for r in reports) == 0
