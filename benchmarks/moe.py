@@ -18,6 +18,11 @@ baseline's output is compared with ours before it is timed.
 On CPU: the op's CPU path (`moe_cpu.moe`) vs the same three implementations on small shapes,
 fp32 and bf16.
 
+Both tables also time `attnopt::moe_w4a16` on the same layer quantized to int4 (RTN, groups of
+INT4_GROUP, as `quantize="w4a16"` does it): "w4a16 ms", its speedup over our float op
+("w4a16 vs ours") and, on the GPU, its GB/s over the int4 bytes of the chosen experts against
+the copy bandwidth. Its output is checked against our float op on the dequantized weights.
+
     python -m benchmarks.moe [--quick] [--out benchmarks/out]
     TRITON_INTERPRET=1 python -m benchmarks.moe --smoke   # the GPU table's code on tiny shapes
 """
@@ -32,6 +37,8 @@ from pathlib import Path
 import torch
 
 import attnopt  # noqa: F401  (registers the ops)
+from attnopt.backends import int4
+from attnopt.passes.quantize import quantize_experts
 from benchmarks.common import median_ms, write_table
 from benchmarks.w4a16 import copy_gbs, device_ms, why
 
@@ -45,6 +52,7 @@ CPU_SHAPES = {
     "E64 top-6 H512 I256": (64, 6, 512, 256),
 }
 IMPLS = ("eager", "grouped_mm", "batched_mm")
+INT4_GROUP = 128
 # batched_mm copies the weights of every (token, expert) pair: 3·I·H elements each.
 BATCHED_MM_MAX_BYTES = 8 << 30
 NA = "-"
@@ -128,6 +136,36 @@ def _op(x, ids, weights, w_gate_up, w_down, impl):
     return torch.ops.attnopt.moe(x, ids, weights, w_gate_up, w_down, "silu", impl)
 
 
+def _op_w4a16(x, ids, weights, packed, impl):
+    return torch.ops.attnopt.moe_w4a16(x, ids, weights, *packed, INT4_GROUP, "silu", impl)
+
+
+def int4_layer(w_gate_up: torch.Tensor, w_down: torch.Tensor) -> tuple[list, list]:
+    """The layer as the quantize pass packs it (qweight, scales, zeros of gate/up, then of
+    down) and the float weights those codes decode to."""
+    packed, deq = [], []
+    for w in (w_gate_up, w_down):
+        p = quantize_experts(w, INT4_GROUP, w.dtype)
+        packed += [p.qweight, p.scales, p.zeros]
+        deq.append(torch.stack([int4.dequantize(p.qweight[e], p.scales[e], p.zeros[e],
+                                                INT4_GROUP, p.in_features, w.dtype)
+                                for e in range(w.shape[0])]))
+    return packed, deq
+
+
+def time_int4(x, ids, weights, packed, deq, impl, timer) -> float | str:
+    """ms of moe_w4a16 (NA if it fails or disagrees with our float op on its weights)."""
+    try:
+        got = _op_w4a16(x, ids, weights, packed, impl)
+        if not close(got, _op(x, ids, weights, *deq, impl)):
+            print("  moe_w4a16 disagrees with attnopt::moe on the dequantized weights")
+            return NA
+        return timer(_op_w4a16, x, ids, weights, packed, impl)
+    except Exception as err:
+        print(f"  moe_w4a16: {why(err)}")
+        return NA
+
+
 def gpu_rows(shapes: dict, tokens: list[int], dtype: torch.dtype, device: str) -> list[dict]:
     impl = "auto" if device == "cuda" else "triton"  # off CUDA: --smoke, under the interpreter
     bandwidth = copy_gbs(device)
@@ -136,6 +174,7 @@ def gpu_rows(shapes: dict, tokens: list[int], dtype: torch.dtype, device: str) -
     for name, (e, k, h, i) in shapes.items():
         w_gate_up, w_down = layer(e, h, i, dtype, device)
         experts = experts_module(w_gate_up, w_down, k)
+        packed, deq = int4_layer(w_gate_up, w_down)
         for t in tokens:
             x = torch.randn(t, h, device=device, dtype=dtype)
             ids, weights = routing(t, e, k, device)
@@ -147,6 +186,11 @@ def gpu_rows(shapes: dict, tokens: list[int], dtype: torch.dtype, device: str) -
             chosen = ids.unique().numel()
             moved = (chosen * 3 * h * i + 2 * t * h) * x.element_size()
             gbs = moved / (ms * 1e6)
+            w4_ms = time_int4(x, ids, weights, packed, deq, impl, device_ms)
+            # codes (half a byte each), a scale and a zero per group, x and out
+            w4_moved = chosen * 3 * h * i * (0.5 + 2 * x.element_size() / INT4_GROUP) \
+                + 2 * t * h * x.element_size()
+            w4_gbs = w4_moved / (w4_ms * 1e6) if w4_ms != NA else NA
             rows.append({
                 "layer": name, "E": e, "top-k": k, "H": h, "I": i,
                 "dtype": str(dtype).removeprefix("torch."), "tokens": t,
@@ -155,6 +199,9 @@ def gpu_rows(shapes: dict, tokens: list[int], dtype: torch.dtype, device: str) -
                 "ours eager ms": eager_ms,
                 **ratios(times, ms, eager_ms),
                 "GB/s": gbs, "of copy bw": gbs / bandwidth,
+                "w4a16 ms": w4_ms, "w4a16 vs ours": ms / w4_ms if w4_ms != NA else NA,
+                "w4a16 GB/s": w4_gbs,
+                "w4a16 of copy bw": w4_gbs / bandwidth if w4_ms != NA else NA,
             })
             print(rows[-1])
     return rows
@@ -166,6 +213,7 @@ def cpu_rows(shapes: dict, tokens: list[int], dtypes: list) -> list[dict]:
         for dtype in dtypes:
             w_gate_up, w_down = layer(e, h, i, dtype, "cpu")
             experts = experts_module(w_gate_up, w_down, k)
+            packed, deq = int4_layer(w_gate_up, w_down)
             for t in tokens:
                 x = torch.randn(t, h, dtype=dtype)
                 ids, weights = routing(t, e, k, "cpu")
@@ -173,10 +221,12 @@ def cpu_rows(shapes: dict, tokens: list[int], dtypes: list) -> list[dict]:
                 ours = _op(*args)
                 ms = median_ms(_op, *args)
                 times = time_baselines(experts, x, ids, weights, ours, median_ms)
+                w4_ms = time_int4(x, ids, weights, packed, deq, "auto", median_ms)
                 rows.append({
                     "layer": name, "dtype": str(dtype).removeprefix("torch."), "tokens": t,
                     "attnopt cpu ms": ms, **{f"{impl} ms": v for impl, v in times.items()},
                     **ratios(times, ms, ms),
+                    "w4a16 ms": w4_ms, "w4a16 vs ours": ms / w4_ms if w4_ms != NA else NA,
                 })
                 print(rows[-1])
     return rows

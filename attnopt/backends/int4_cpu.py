@@ -26,6 +26,7 @@ from torch import Tensor
 from attnopt.backends import int4
 
 _repacked: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}
+_repacked_experts: dict[tuple[int, ...], list[tuple[Tensor, Tensor]]] = {}
 
 
 def supported(n: int, group_size: int) -> str | None:
@@ -41,19 +42,39 @@ def repack(qweight: Tensor, scales: Tensor, zeros: Tensor) -> tuple[Tensor, Tens
     """(ATen-packed weight, [K/g, N, 2] bf16 scale-and-zero) for our packed weight, cached."""
     key = (id(qweight), qweight._version)
     if key not in _repacked:
-        codes = int4.unpack_uint4(qweight).to(torch.int32)
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
-        s = scales.float()
-        table = torch.stack((s, (8 - zeros.float()) * s), dim=-1).transpose(0, 1)
-        _repacked[key] = (packed, table.to(torch.bfloat16).contiguous())
+        _repacked[key] = _repack(qweight, scales, zeros)
         weakref.finalize(qweight, _repacked.pop, key, None)
     return _repacked[key]
 
 
+def _repack(qweight: Tensor, scales: Tensor, zeros: Tensor) -> tuple[Tensor, Tensor]:
+    codes = int4.unpack_uint4(qweight).to(torch.int32)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+    s = scales.float()
+    table = torch.stack((s, (8 - zeros.float()) * s), dim=-1).transpose(0, 1)
+    return packed, table.to(torch.bfloat16).contiguous()
+
+
+def repack_experts(qweight: Tensor, scales: Tensor, zeros: Tensor) -> list[tuple[Tensor, Tensor]]:
+    """`repack` of each expert matrix of stacked packed weights (qweight [E, N, Kp/2], scales
+    and zeros [E, N, Kp/g]), cached on the stacked tensor (the slices of one are new objects at
+    every call, so they cannot key the cache themselves)."""
+    key = (id(qweight), qweight._version, id(scales), id(zeros))
+    if key not in _repacked_experts:
+        _repacked_experts[key] = [_repack(qweight[e], scales[e], zeros[e])
+                                  for e in range(qweight.shape[0])]
+        weakref.finalize(qweight, _repacked_experts.pop, key, None)
+    return _repacked_experts[key]
+
+
 def prepare(qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int) -> None:
-    """Repack now (at compile time) if the ATen kernel will be used for this weight."""
-    if supported(qweight.shape[0], group_size) is None:
-        repack(qweight, scales, zeros)
+    """Repack now (at compile time) if the ATen kernel will be used for this weight (one
+    matrix [N, Kp/2], or the stacked experts [E, N, Kp/2] of `attnopt::moe_w4a16`)."""
+    if supported(qweight.shape[-2], group_size) is None:
+        if qweight.dim() == 3:
+            repack_experts(qweight, scales, zeros)
+        else:
+            repack(qweight, scales, zeros)
 
 
 def linear(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, bias: Tensor | None,

@@ -13,14 +13,23 @@ Precision (compare `reference.moe`): ATen's CPU GEMMs return their input dtype, 
 x the gate/up and down products are rounded to 16 bits (as in eager transformers); activation,
 gating, routing weights and the sum over k run in fp32, and the intermediate and the result are
 rounded once each to x's dtype.
+
+`moe_w4a16` (int4 expert weights) keeps that structure and replaces each grouped GEMM by a loop
+over the non-empty experts, each one ATen's int4 CPU kernel on that expert's packed matrix
+(`int4_cpu`: activations rounded to bf16, per-expert repacks cached on the stacked weight and
+made at compile time by the quantize pass), or, for a shape that kernel does not take (N not a
+multiple of 16), a GEMM on that one expert's dequantized weight. Either way only the experts a
+token picked are read.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
-from attnopt.backends import reference
+from attnopt.backends import int4, int4_cpu, reference
 
 # dtypes torch._grouped_mm takes on CPU; its operands' non-unit strides and base addresses must
 # be multiples of 16 bytes (odd H or I fall back to the per-expert loop).
@@ -65,11 +74,62 @@ def grouped_linear(a: Tensor, w: Tensor, counts: Tensor) -> Tensor:
     return out
 
 
+def grouped_linear_int4(a: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor,
+                        group_size: int, counts: Tensor) -> Tensor:
+    """`grouped_linear` with int4 expert weights (qweight [E, N, Kp/2], scales and zeros
+    [E, N, Kp/g]): one int4 GEMM per non-empty expert, see the module docstring."""
+    n, kp, k = qweight.shape[1], qweight.shape[2] * 2, a.shape[1]
+    out = torch.empty((a.shape[0], n), dtype=a.dtype, device=a.device)
+    aten_kernel = int4_cpu.supported(n, group_size) is None
+    if aten_kernel:
+        repacked = int4_cpu.repack_experts(qweight, scales, zeros)
+        a = torch.nn.functional.pad(a.to(torch.bfloat16), (0, kp - k))
+    start = 0
+    for e, end in enumerate(counts.cumsum(0).tolist()):
+        if end > start:
+            if aten_kernel:
+                packed, table = repacked[e]
+                out[start:end] = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                    a[start:end], packed, group_size, table)
+            else:
+                w = int4.dequantize(qweight[e], scales[e], zeros[e], group_size, k, a.dtype)
+                torch.mm(a[start:end], w.T, out=out[start:end])
+        start = end
+    return out
+
+
 def moe(x: Tensor, topk_ids: Tensor, topk_weights: Tensor, w_gate_up: Tensor, w_down: Tensor,
         activation: str = "silu") -> Tensor:
     """`reference.moe`, sorted by expert and grouped; see the module docstring."""
     reference.check_moe(x, topk_ids, topk_weights, w_gate_up, w_down, activation)
-    num_experts, inter = w_gate_up.shape[0], w_gate_up.shape[1] // 2
+    return _sorted_experts(x, topk_ids, topk_weights, w_gate_up.shape[0],
+                           w_gate_up.shape[1] // 2, activation,
+                           lambda a, counts: grouped_linear(a, w_gate_up, counts),
+                           lambda a, counts: grouped_linear(a, w_down, counts))
+
+
+def moe_w4a16(x: Tensor, topk_ids: Tensor, topk_weights: Tensor, gate_up_qweight: Tensor,
+              gate_up_scales: Tensor, gate_up_zeros: Tensor, down_qweight: Tensor,
+              down_scales: Tensor, down_zeros: Tensor, group_size: int,
+              activation: str = "silu") -> Tensor:
+    """`reference.moe_w4a16`, sorted by expert, one int4 GEMM per non-empty expert."""
+    reference.check_moe_w4a16(x, topk_ids, topk_weights, gate_up_qweight, gate_up_scales,
+                              gate_up_zeros, down_qweight, down_scales, down_zeros, group_size,
+                              activation)
+    return _sorted_experts(
+        x, topk_ids, topk_weights, gate_up_qweight.shape[0], gate_up_qweight.shape[1] // 2,
+        activation,
+        lambda a, counts: grouped_linear_int4(a, gate_up_qweight, gate_up_scales, gate_up_zeros,
+                                              group_size, counts),
+        lambda a, counts: grouped_linear_int4(a, down_qweight, down_scales, down_zeros,
+                                              group_size, counts))
+
+
+def _sorted_experts(x: Tensor, topk_ids: Tensor, topk_weights: Tensor, num_experts: int,
+                    inter: int, activation: str, gate_up_mm: Callable, down_mm: Callable,
+                    ) -> Tensor:
+    """The sorted, grouped body of `moe`; `gate_up_mm(a, counts)` and `down_mm(a, counts)` are
+    the two grouped GEMMs (rows of `a` sorted by expert, `counts[e]` for expert e)."""
     reference.check_moe_ids(topk_ids, num_experts)
     t, k = topk_ids.shape
     cdt = reference.compute_dtype(x.dtype)
@@ -79,10 +139,10 @@ def moe(x: Tensor, topk_ids: Tensor, topk_weights: Tensor, w_gate_up: Tensor, w_
     expert_sorted, order = torch.sort(topk_ids.reshape(-1), stable=True)
     counts = torch.bincount(expert_sorted, minlength=num_experts)
     xs = x[order // k]                                             # [S, H], grouped by expert
-    gate_up = grouped_linear(xs, w_gate_up, counts)                # [S, 2I]
+    gate_up = gate_up_mm(xs, counts)                               # [S, 2I]
     h = reference.moe_activation(gate_up[:, :inter].to(cdt), activation)
     h = h.mul_(gate_up[:, inter:]).to(x.dtype)                     # [S, I]
-    y = grouped_linear(h, w_down, counts).to(cdt)                  # [S, H]
+    y = down_mm(h, counts).to(cdt)                                 # [S, H]
     y.mul_(topk_weights.reshape(-1)[order, None])
     pairs = torch.empty_like(y)
     pairs[order] = y                                               # back to (token, slot) order

@@ -305,6 +305,50 @@ def _moe_backward(ctx, grad):
 moe.register_autograd(_moe_backward, setup_context=_moe_setup)
 
 
+@torch.library.custom_op("attnopt::moe_w4a16", mutates_args=())
+def moe_w4a16(
+    x: Tensor,
+    topk_ids: Tensor,
+    topk_weights: Tensor,
+    gate_up_qweight: Tensor,
+    gate_up_scales: Tensor,
+    gate_up_zeros: Tensor,
+    down_qweight: Tensor,
+    down_scales: Tensor,
+    down_zeros: Tensor,
+    group_size: int,
+    activation: str = "silu",
+    impl: str = "auto",
+) -> Tensor:
+    """`moe` with int4 expert weights: the same routed experts, with w_gate_up [E, 2I, H] and
+    w_down [E, H, I] the dequantized packed weights. Each expert matrix is packed as
+    `int4.quantize_rtn` packs a 2-D weight, stacked over E: gate_up_qweight [E, 2I, Hp/2]
+    uint8, gate_up_scales and gate_up_zeros [E, 2I, Hp/g]; down_qweight [E, H, Ip/2], down
+    scales and zeros [E, H, Ip/g] (Hp, Ip: H, I rounded up to group_size);
+    `reference.moe_w4a16`. The CPU path is `moe_cpu.moe_w4a16` (ATen's int4 CPU kernel per
+    non-empty expert: activations rounded to bf16), the Triton one `triton.moe.fused_moe_w4a16`.
+    Inference only: there is no autograd formula (the quantize pass makes it only in graphs
+    whose weights are frozen)."""
+    args = (x, topk_ids, topk_weights, gate_up_qweight, gate_up_scales, gate_up_zeros,
+            down_qweight, down_scales, down_zeros, group_size, activation)
+    if _use_triton(impl, x):
+        from attnopt.backends.triton import moe as kernel
+
+        return kernel.fused_moe_w4a16(*args)
+    if impl == "reference":
+        return reference.moe_w4a16(*args)
+    return moe_cpu.moe_w4a16(*args)
+
+
+@moe_w4a16.register_fake
+def _(x, topk_ids, topk_weights, gate_up_qweight, gate_up_scales, gate_up_zeros, down_qweight,
+      down_scales, down_zeros, group_size, activation="silu", impl="auto"):
+    reference.check_moe_w4a16(x, topk_ids, topk_weights, gate_up_qweight, gate_up_scales,
+                              gate_up_zeros, down_qweight, down_scales, down_zeros, group_size,
+                              activation)
+    return x.new_empty(x.shape)
+
+
 # --- handing CPU paths to Inductor ------------------------------------------------------------
 
 
@@ -330,5 +374,81 @@ def inductor_decompositions() -> dict:
         torch.ops.attnopt.attention.default: _attention_as_aten,
         # attnopt::moe stays opaque: its CPU path validates the ids (a data-dependent error),
         # sorts and bins them, and picks torch._grouped_mm or a loop over the non-empty experts
-        # from the operands' strides; Inductor would only call the same ATen kernels.
+        # from the operands' strides; Inductor would only call the same ATen kernels. So does
+        # attnopt::moe_w4a16, whose CPU path calls ATen's int4 kernel once per expert.
     }
+
+
+# --- paged attention (KV cache) ----------------------------------------------------------------
+
+
+@torch.library.custom_op("attnopt::paged_attention", mutates_args=())
+def paged_attention(
+    q: Tensor,
+    k_pool: Tensor,
+    v_pool: Tensor,
+    block_table: Tensor,
+    seq_lens: Tensor,
+    scale: float,
+    is_causal: bool = True,
+    impl: str = "auto",
+    k_scale: Tensor | None = None,
+    v_scale: Tensor | None = None,
+) -> Tensor:
+    """Attention of q [B, Hq, Lq, D] (Lq new tokens per sequence, 1..16 in decode) over each
+    sequence's cached keys, read in place from the paged pools k_pool [num_blocks, block_size,
+    Hkv, D] and v_pool through block_table [B, max_blocks] and seq_lens [B] (int32); GQA by
+    indexing; bottom-right causal against each sequence's own length; int8 pools with per
+    (token, head) float32 scales. `reference.paged_attention` states the semantics;
+    `attnopt.cache.PagedKVCache` holds such pools. The Triton path is split-KV flash decoding
+    over the block table (`triton.paged_attention`). Inference only: no autograd formula."""
+    if _use_triton(impl, q):
+        from attnopt.backends.triton import paged_attention as kernel
+
+        return kernel.paged_attention(q, k_pool, v_pool, block_table, seq_lens, scale,
+                                      is_causal, k_scale, v_scale)
+    if impl == "reference":
+        return reference.paged_attention(q, k_pool, v_pool, block_table, seq_lens, scale,
+                                         is_causal, k_scale, v_scale)
+    return _paged_attention_cpu(q, k_pool, v_pool, block_table, seq_lens, scale, is_causal,
+                                k_scale, v_scale)
+
+
+def _paged_attention_cpu(q, k_pool, v_pool, block_table, seq_lens, scale, is_causal,
+                         k_scale, v_scale) -> Tensor:
+    """One batched SDPA (which reads grouped K/V unrepeated) over K/V gathered from the blocks
+    up to the longest sequence, with a boolean mask for the ragged lengths and the bottom-right
+    causal part. Reading seq_lens costs nothing on CPU tensors."""
+    reference.check_paged_attention(q, k_pool, v_pool, block_table, seq_lens, k_scale, v_scale)
+    b, hq, lq, _ = q.shape
+    block_size, hkv = k_pool.shape[1], k_pool.shape[2]
+    lens = seq_lens.to(device=q.device, dtype=torch.int64)
+    lk_max = int(lens.max()) if b else 0
+    if lk_max == 0 or q.numel() == 0:
+        return q.new_zeros((b, hq, lq, v_pool.shape[3]))
+    nb = -(-lk_max // block_size)
+    # Entries past a sequence's length may hold anything: point them at block 0 (masked out).
+    used = torch.arange(nb, device=q.device) * block_size < lens[:, None]
+    ids = torch.where(used, block_table[:, :nb].long(), 0)
+
+    def gather(pool, pool_scale):  # [B, H, nb · block_size, D] in q's dtype
+        x = pool[ids].flatten(1, 2)
+        if pool_scale is not None:
+            x = reference.dequantize_kv(x, pool_scale[ids].flatten(1, 2), q.dtype)
+        return x.to(q.dtype).transpose(1, 2)
+
+    keys = torch.arange(nb * block_size, device=q.device)
+    keep = keys < lens[:, None, None]  # [B, 1, Lk]
+    if is_causal:
+        last = lens[:, None, None] - lq + torch.arange(lq, device=q.device)[:, None]
+        keep = keep & (keys <= last)  # [B, Lq, Lk]
+    return torch.nn.functional.scaled_dot_product_attention(
+        q, gather(k_pool, k_scale), gather(v_pool, v_scale), attn_mask=keep[:, None],
+        scale=scale, enable_gqa=hq != hkv).contiguous()
+
+
+@paged_attention.register_fake
+def _(q, k_pool, v_pool, block_table, seq_lens, scale, is_causal=True, impl="auto",
+      k_scale=None, v_scale=None):
+    reference.check_paged_attention(q, k_pool, v_pool, block_table, seq_lens, k_scale, v_scale)
+    return q.new_empty((*q.shape[:3], v_pool.shape[3]))

@@ -7,6 +7,8 @@ here.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -193,7 +195,16 @@ def moe(
     output to 16 bits before a 16-bit `index_add_`), so it agrees with this to 16-bit rounding.
     """
     check_moe(x, topk_ids, topk_weights, w_gate_up, w_down, activation)
-    num_experts, inter = w_gate_up.shape[0], w_gate_up.shape[1] // 2
+    cdt = compute_dtype(x.dtype)
+    return _moe_experts(x, topk_ids, topk_weights, w_gate_up.shape[0],
+                        lambda e: (w_gate_up[e].to(cdt), w_down[e].to(cdt)), activation)
+
+
+def _moe_experts(x: Tensor, topk_ids: Tensor, topk_weights: Tensor, num_experts: int,
+                 expert: Callable[[int], tuple[Tensor, Tensor]], activation: str) -> Tensor:
+    """The expert loop of `moe`, with the precision documented there; `expert(e)` gives expert
+    e's (gate_up [2I, H], down [H, I]) in the compute dtype and is called only for the experts
+    that some token picked."""
     check_moe_ids(topk_ids, num_experts)
     cdt = compute_dtype(x.dtype)
     xf = x.to(cdt)
@@ -202,11 +213,78 @@ def moe(
         tokens, slot = (topk_ids == e).nonzero(as_tuple=True)
         if tokens.numel() == 0:
             continue
-        gate_up = xf[tokens] @ w_gate_up[e].to(cdt).T
+        w_gate_up, w_down = expert(e)
+        inter = w_gate_up.shape[0] // 2
+        gate_up = xf[tokens] @ w_gate_up.T
         h = moe_activation(gate_up[:, :inter], activation) * gate_up[:, inter:]
-        y = h.to(x.dtype).to(cdt) @ w_down[e].to(cdt).T
+        y = h.to(x.dtype).to(cdt) @ w_down.T
         out.index_add_(0, tokens, y * topk_weights[tokens, slot, None].to(cdt))
     return out.to(x.dtype)
+
+
+def check_moe_w4a16(x: Tensor, topk_ids: Tensor, topk_weights: Tensor, gate_up_qweight: Tensor,
+                    gate_up_scales: Tensor, gate_up_zeros: Tensor, down_qweight: Tensor,
+                    down_scales: Tensor, down_zeros: Tensor, group_size: int,
+                    activation: str) -> None:
+    """The data-free checks of `moe_w4a16`: the packed shapes, then `check_moe`'s."""
+    from attnopt.backends import int4
+
+    if group_size not in int4.GROUP_SIZES:
+        raise ValueError(f"group_size must be one of {int4.GROUP_SIZES}, got {group_size}")
+    if x.dim() != 2 or not x.is_floating_point():
+        raise ValueError(f"moe takes x as a floating [T, H] tensor, got {x.dtype} "
+                         f"{tuple(x.shape)}")
+    for name, q in (("gate_up_qweight", gate_up_qweight), ("down_qweight", down_qweight)):
+        if q.dtype != torch.uint8 or q.dim() != 3:
+            raise ValueError(f"{name} must be [E, N, Kp/2] uint8, got {q.dtype} "
+                             f"{tuple(q.shape)}")
+    h = x.shape[1]
+    e, two_i = gate_up_qweight.shape[:2]
+    if two_i % 2:
+        raise ValueError(f"gate_up_qweight must be [E, 2I, Hp/2], got "
+                         f"{tuple(gate_up_qweight.shape)}")
+    i = two_i // 2
+    for name, q, s, z, n, k in (("gate_up", gate_up_qweight, gate_up_scales, gate_up_zeros,
+                                 two_i, h),
+                                ("down", down_qweight, down_scales, down_zeros, h, i)):
+        kp = int4.padded(k, group_size)
+        if tuple(q.shape) != (e, n, kp // 2):
+            raise ValueError(f"{name}_qweight must be [E, N, Kp/2] = {[e, n, kp // 2]} for "
+                             f"hidden {h}, intermediate {i} and group_size {group_size}, got "
+                             f"{tuple(q.shape)}")
+        for what, t in (("scales", s), ("zeros", z)):
+            if tuple(t.shape) != (e, n, kp // group_size) or not t.is_floating_point():
+                raise ValueError(f"{name}_{what} must be a floating [E, N, Kp/g] = "
+                                 f"{[e, n, kp // group_size]}, got {t.dtype} {tuple(t.shape)}")
+    # The rest (ids, weights, activation) on float stand-ins of the weights' shapes (views of
+    # one element: nothing is allocated).
+    one = x.new_empty(())
+    check_moe(x, topk_ids, topk_weights, one.expand(e, two_i, h), one.expand(e, h, i),
+              activation)
+
+
+def moe_w4a16(x: Tensor, topk_ids: Tensor, topk_weights: Tensor, gate_up_qweight: Tensor,
+              gate_up_scales: Tensor, gate_up_zeros: Tensor, down_qweight: Tensor,
+              down_scales: Tensor, down_zeros: Tensor, group_size: int,
+              activation: str = "silu") -> Tensor:
+    """`moe` on int4 expert weights: each expert matrix is packed as `int4.quantize_rtn` packs a
+    2-D weight ([N, K] -> qweight [N, Kp/2], scales and zeros [N, Kp/g]), stacked over E.
+    The weights of the experts some token picked are dequantized in fp32 (exact: a 4-bit code
+    times a 16-bit scale; fp64 for fp64 x) and `moe`'s loop and precision apply."""
+    check_moe_w4a16(x, topk_ids, topk_weights, gate_up_qweight, gate_up_scales, gate_up_zeros,
+                    down_qweight, down_scales, down_zeros, group_size, activation)
+    from attnopt.backends import int4
+
+    cdt = compute_dtype(x.dtype)
+    h, inter = x.shape[1], gate_up_qweight.shape[1] // 2
+
+    def expert(e: int) -> tuple[Tensor, Tensor]:
+        return (int4.dequantize(gate_up_qweight[e], gate_up_scales[e], gate_up_zeros[e],
+                                group_size, h, cdt),
+                int4.dequantize(down_qweight[e], down_scales[e], down_zeros[e], group_size,
+                                inter, cdt))
+
+    return _moe_experts(x, topk_ids, topk_weights, gate_up_qweight.shape[0], expert, activation)
 
 
 def moe_backward(grad: Tensor, x: Tensor, topk_ids: Tensor, topk_weights: Tensor,
@@ -255,3 +333,108 @@ def moe_backward(grad: Tensor, x: Tensor, topk_ids: Tensor, topk_weights: Tensor
         dx.index_add_(0, tokens, dgu @ wgu)
     return (dx.to(x.dtype), dweights.to(topk_weights.dtype), dgate_up.to(w_gate_up.dtype),
             ddown.to(w_down.dtype))
+
+
+# --- paged attention (KV cache) ----------------------------------------------------------------
+
+
+def check_paged_attention(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_table: Tensor,
+                          seq_lens: Tensor, k_scale: Tensor | None = None,
+                          v_scale: Tensor | None = None) -> None:
+    """The checks of `paged_attention` that need no look at the data (shapes and dtypes): every
+    path runs them, the fake implementation too."""
+    if q.dim() != 4 or q.dtype not in (torch.float16, torch.bfloat16, torch.float32,
+                                       torch.float64):
+        raise ValueError(f"paged_attention takes q as a floating [B, Hq, Lq, D] tensor, got "
+                         f"{q.dtype} {tuple(q.shape)}")
+    b, hq, _, d = q.shape
+    if k_pool.dim() != 4 or v_pool.dim() != 4 or k_pool.shape[:3] != v_pool.shape[:3]:
+        raise ValueError(f"k_pool and v_pool must be [num_blocks, block_size, Hkv, D] and "
+                         f"[num_blocks, block_size, Hkv, Dv], got {tuple(k_pool.shape)} and "
+                         f"{tuple(v_pool.shape)}")
+    hkv = k_pool.shape[2]
+    if k_pool.shape[3] != d or hkv == 0 or hq % hkv:
+        raise ValueError(f"q {tuple(q.shape)} does not fit k_pool {tuple(k_pool.shape)}: the "
+                         f"head dims must agree and Hq must be a multiple of Hkv")
+    quantized = k_pool.dtype == torch.int8
+    if quantized:
+        if v_pool.dtype != torch.int8 or k_scale is None or v_scale is None:
+            raise ValueError("int8 k_pool and v_pool need both k_scale and v_scale")
+        for name, s in (("k_scale", k_scale), ("v_scale", v_scale)):
+            if s.shape != k_pool.shape[:3] or s.dtype != torch.float32:
+                raise ValueError(f"{name} must be float32 [num_blocks, block_size, Hkv] = "
+                                 f"{list(k_pool.shape[:3])}, got {s.dtype} {tuple(s.shape)}")
+    elif k_pool.dtype != q.dtype or v_pool.dtype != q.dtype:
+        raise ValueError(f"k_pool and v_pool must be int8 or share q's dtype {q.dtype}, got "
+                         f"{k_pool.dtype} and {v_pool.dtype}")
+    elif k_scale is not None or v_scale is not None:
+        raise ValueError("k_scale and v_scale go with int8 pools only")
+    if block_table.dim() != 2 or block_table.shape[0] != b or block_table.dtype not in (
+            torch.int32, torch.int64):
+        raise ValueError(f"block_table must be [B={b}, max_blocks] int32, got "
+                         f"{block_table.dtype} {tuple(block_table.shape)}")
+    if seq_lens.shape != (b,) or seq_lens.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"seq_lens must be [B={b}] int32, got {seq_lens.dtype} "
+                         f"{tuple(seq_lens.shape)}")
+
+
+def dequantize_kv(x: Tensor, scale: Tensor | None, dtype: torch.dtype) -> Tensor:
+    """A K or V pool (or a slice of one) as `dtype`: an int8 pool is x · scale, per (token,
+    head) scale, computed in fp32 and rounded once to `dtype` (what the kernels compute in
+    registers); a floating pool is only cast."""
+    if scale is None:
+        return x.to(dtype)
+    return (x.to(torch.float32) * scale.to(torch.float32)[..., None]).to(dtype)
+
+
+def paged_kv(pool: Tensor, scale: Tensor | None, blocks: Tensor, length: int,
+             dtype: torch.dtype) -> Tensor:
+    """The first `length` tokens of one sequence whose tokens lie in `pool` [num_blocks,
+    block_size, H, D] in the blocks `blocks` (its row of the block table), as a contiguous
+    [H, length, D] in `dtype`: token t is pool[blocks[t // block_size], t % block_size]."""
+    block_size = pool.shape[1]
+    ids = blocks[:(length + block_size - 1) // block_size].long()
+    x = pool[ids].flatten(0, 1)[:length]
+    if scale is not None:
+        x = dequantize_kv(x, scale[ids].flatten(0, 1)[:length], dtype)
+    return x.to(dtype).transpose(0, 1).contiguous()
+
+
+def paged_attention(
+    q: Tensor,
+    k_pool: Tensor,
+    v_pool: Tensor,
+    block_table: Tensor,
+    seq_lens: Tensor,
+    scale: float,
+    is_causal: bool = True,
+    k_scale: Tensor | None = None,
+    v_scale: Tensor | None = None,
+) -> Tensor:
+    """Attention of Lq new queries over a paged KV cache, sequence by sequence.
+
+    - q [B, Hq, Lq, D]: the queries of the Lq newest tokens of each sequence (decode: Lq = 1;
+      speculative or chunked decode: a few).
+    - k_pool [num_blocks, block_size, Hkv, D], v_pool [num_blocks, block_size, Hkv, Dv]: the
+      cache of one layer. Sequence b's token t is at block block_table[b, t // block_size],
+      row t % block_size; seq_lens[b] tokens are cached, the Lq new ones included (they are
+      written before attention is computed). Entries of the block table past a sequence's
+      length are never read.
+    - Grouped-query attention: query head h reads KV head h // (Hq // Hkv).
+    - `is_causal`: bottom-right aligned against each sequence's own length: query i of
+      sequence b sees keys j <= seq_lens[b] - Lq + i; otherwise all of j < seq_lens[b].
+      Rows that see no key (seq_lens[b] = 0, or seq_lens[b] < Lq with is_causal) give 0.
+    - int8 pools (k_pool and v_pool int8, with float32 k_scale and v_scale [num_blocks,
+      block_size, Hkv]: one scale per cached token and KV head) stand for
+      `dequantize_kv(pool, scale, q.dtype)`.
+    - Computed as `attention` on the gathered K/V: in fp32 (fp64 for fp64 q); the result is a
+      contiguous [B, Hq, Lq, Dv] in q's dtype.
+    """
+    check_paged_attention(q, k_pool, v_pool, block_table, seq_lens, k_scale, v_scale)
+    b, hq, lq, _ = q.shape
+    out = q.new_empty((b, hq, lq, v_pool.shape[3]))
+    for i, length in enumerate(seq_lens.tolist()):
+        k = paged_kv(k_pool, k_scale, block_table[i], length, q.dtype)
+        v = paged_kv(v_pool, v_scale, block_table[i], length, q.dtype)
+        out[i] = attention(q[i:i + 1], k[None], v[None], None, is_causal, scale)[0]
+    return out

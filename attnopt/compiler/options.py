@@ -16,7 +16,8 @@ QUANTIZE = (None, "w4a16")
 GROUP_SIZES = (32, 64, 128)  # backends/int4.py's; the kernels' K tiles divide them
 
 DOCS = {
-    "quantize": "None | 'w4a16': replace eligible linear layers by int4-weight GEMMs",
+    "quantize": "None | 'w4a16': replace eligible linear layers (and MoE experts) by "
+    "int4-weight GEMMs",
     "group_size": f"one of {GROUP_SIZES}: quantization group along K",
     "passes": "list of pass names to run (default: all that apply)",
     "skip": "module-name globs left unquantized (default: ['lm_head'])",

@@ -243,11 +243,29 @@ class ExpertLoop:
         with gm.graph.inserting_before(last):
             w_gu = constant_node(gm, f"{last.name}_moe_gate_up", gate_up)
             w_d = constant_node(gm, f"{last.name}_moe_down", down)
+            if experts := _experts_name(steps):  # what `skip` globs and the report name
+                w_gu.meta["attnopt_parameter"] = f"{experts}.gate_up"
+                w_d.meta["attnopt_parameter"] = f"{experts}.down"
             out = insert_call(gm.graph, torch.ops.attnopt.moe.default, (
                 first["x"], first["topk_ids"], first["topk_weights"], w_gu, w_d,
                 activation(first)), {"impl": ctx.options.kernels})
             out.meta["attnopt_rule"] = "moe.module_list"
         last.replace_all_uses_with(out)
+
+
+def _experts_name(steps: list[Match]) -> str | None:
+    """The module holding the experts (`model.layers.0.mlp.experts`): the dotted prefix common to
+    the parameter names of every expert weight (`...experts.0.w1.weight`, ...)."""
+    names = [s[w].meta.get("attnopt_parameter") for s in steps for w in ("w1", "w3", "w2")]
+    if not all(names):
+        return None
+    parts = [n.split(".") for n in names]
+    common = []
+    for column in zip(*parts, strict=False):
+        if len(set(column)) != 1:
+            break
+        common.append(column[0])
+    return ".".join(common) or None
 
 
 class MoePass:

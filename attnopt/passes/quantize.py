@@ -1,4 +1,5 @@
-"""quantize: with `quantize="w4a16"`, every eligible linear becomes `attnopt::w4a16_linear`.
+"""quantize: with `quantize="w4a16"`, every eligible linear becomes `attnopt::w4a16_linear`,
+and the experts of every eligible `attnopt::moe` become `attnopt::moe_w4a16`.
 
 A linear is eligible when its weight is a frozen 2-D float parameter (so only inference graphs),
 its module is not matched by a `skip` glob (default: `lm_head`, whose error every token sees),
@@ -7,6 +8,14 @@ round-to-nearest asymmetric uint4 in groups of `group_size` along K (`backends/i
 in the activation dtype. Each layer's relative quantization error ‖W − Ŵ‖ / ‖W‖ goes into the
 report. Activation-aware scaling needs calibration data, so it is the offline path's job
 (`attnopt.quantization.awq`); a checkpoint it wrote already holds `w4a16_linear` calls.
+
+MoE blocks: the moe pass runs first and leaves `attnopt::moe` calls on frozen stacked expert
+weights (gate_up [E, 2I, H], down [E, H, I]). Each such call whose experts module (named by its
+weights, `model.layers.0.mlp.experts`) no `skip` glob names gets every expert matrix quantized
+the same way, stacked over E, and becomes one `attnopt::moe_w4a16`. The router stays what it was
+(a linear, quantized or not like any other). These rewrites are not counted (the counts keep
+their meaning: `w4a16_linear` counts linears, `moe` MoE blocks whatever their weights); each
+block's error goes into the report's notes as `<experts> [moe ...]: relative error <e>`.
 """
 
 from __future__ import annotations
@@ -20,11 +29,13 @@ from torch._subclasses.fake_tensor import unset_fake_temporarily
 from attnopt.backends import int4, int4_cpu
 from attnopt.compiler.graph import fake_value, insert_call
 from attnopt.compiler.options import Options
-from attnopt.compiler.pattern import Match, Rule
+from attnopt.compiler.pattern import Call, Capture, Literal, Match, Rule
 from attnopt.compiler.rewrite import PatternPass
 from attnopt.passes.linear import (
     check_linear,
+    constant,
     constant_node,
+    is_constant,
     linear,
     w4a16_linear,
     weight_nk,
@@ -86,6 +97,92 @@ def _requested(options: Options) -> str | None:
     return None if options.quantize == "w4a16" else "quantize is not set"
 
 
-quantize_pass = PatternPass("quantize", counts_as="w4a16_linear", rules=[
-    Rule("w4a16", linear, rewrite, check),
-], needs_frozen_weights=True, applies=_requested)
+# --- MoE experts ------------------------------------------------------------------------------
+
+moe = Call(torch.ops.attnopt.moe.default, Capture("x"), Capture("topk_ids"),
+           Capture("topk_weights"), Capture("w_gate_up", where=is_constant),
+           Capture("w_down", where=is_constant), Literal("activation"), Literal("impl"))
+
+
+def experts_of(m: Match) -> str | None:
+    """The experts module (`model.layers.0.mlp.experts`) when the weights are parameters."""
+    name = m["w_gate_up"].meta.get("attnopt_parameter")
+    return name.rsplit(".", 1)[0] if name and "." in name else name
+
+
+def check_moe(m: Match, ctx) -> str | None:
+    if glob := skip_glob(experts_of(m), ctx.options.skip):
+        return f"{experts_of(m)} is left in float: it matches skip glob {glob!r}"
+    dtype = fake_value(m["x"]).dtype
+    if dtype not in ACTIVATION_DTYPES:
+        return f"activations are {dtype}; w4a16 takes fp16, bf16 or fp32"
+    return None
+
+
+def quantize_experts(w: torch.Tensor, group_size: int, dtype: torch.dtype) -> int4.PackedInt4:
+    """`int4.quantize_rtn` of each expert matrix of w [E, N, K], stacked: qweight
+    [E, N, Kp/2], scales and zeros [E, N, Kp/g]. One expert at a time, so the fp32
+    temporaries are one matrix's, not the whole layer's."""
+    parts = [int4.quantize_rtn(m, group_size, dtype) for m in w]
+    return int4.PackedInt4(*(torch.stack([getattr(p, k) for p in parts])
+                             for k in ("qweight", "scales", "zeros")), group_size, w.shape[2])
+
+
+def rewrite_moe(m: Match, graph: fx.Graph, ctx) -> fx.Node:
+    gm, x = graph.owning_module, m["x"]
+    xv = fake_value(x)
+    with unset_fake_temporarily():
+        weights = [constant(gm, m[k]) for k in ("w_gate_up", "w_down")]
+        packed = [quantize_experts(w, ctx.options.group_size, xv.dtype) for w in weights]
+        error = experts_error(weights, packed)
+        if xv.device.type == "cpu":
+            for p in packed:
+                int4_cpu.prepare(p.qweight, p.scales, p.zeros, p.group_size)
+    name = f"{m.anchor.name}_w4a16"
+    args = [constant_node(gm, f"{name}_{part}_{k}", getattr(p, k))
+            for part, p in zip(("gate_up", "down"), packed, strict=True)
+            for k in ("qweight", "scales", "zeros")]
+    e, two_i, h = weights[0].shape
+    ctx.note(f"{experts_of(m) or m['w_gate_up'].name} [moe: {e} experts, gate_up "
+             f"{two_i}x{h}, down {h}x{two_i // 2}]: relative error {error:.4f}")
+    return insert_call(graph, torch.ops.attnopt.moe_w4a16.default, (
+        x, m["topk_ids"], m["topk_weights"], *args, ctx.options.group_size, m["activation"]),
+        {"impl": ctx.options.kernels})
+
+
+def experts_error(weights: list[torch.Tensor], packed: list[int4.PackedInt4]) -> float:
+    """‖W − Ŵ‖ / ‖W‖ over all the expert matrices of one block together."""
+    diff = ref = 0.0
+    for w, p in zip(weights, packed, strict=True):
+        for e in range(w.shape[0]):  # one expert at a time, as `quantize_experts`
+            deq = int4.dequantize(p.qweight[e], p.scales[e], p.zeros[e], p.group_size,
+                                  p.in_features, torch.float32)
+            wf = w[e].float()
+            diff += (deq - wf).square().sum().item()
+            ref += wf.square().sum().item()
+    return (diff / max(ref, 1e-30)) ** 0.5
+
+
+class QuantizePass:
+    """The linear rule, counted as `w4a16_linear`, then the MoE rule, which adds no count."""
+
+    name = "quantize"
+    counts_as = "w4a16_linear"
+    needs_frozen_weights = True
+
+    def __init__(self) -> None:
+        self.linears = PatternPass("quantize", counts_as="w4a16_linear", rules=[
+            Rule("w4a16", linear, rewrite, check)], needs_frozen_weights=True)
+        self.experts = PatternPass("quantize", counts_as="w4a16_linear", rules=[
+            Rule("moe_w4a16", moe, rewrite_moe, check_moe)], needs_frozen_weights=True)
+
+    def not_applicable(self, options: Options) -> str | None:
+        return _requested(options)
+
+    def apply(self, gm: fx.GraphModule, ctx) -> int:
+        rewrites = self.linears.apply(gm, ctx)
+        self.experts.apply(gm, ctx)  # recorded in the notes, not in the counts
+        return rewrites
+
+
+quantize_pass = QuantizePass()

@@ -43,6 +43,15 @@ such pairs and the sum treats them as 0, so nothing is read or written out of bo
 BLOCK_M is chosen on the host from the average number of rows per expert (`choose_block_m`),
 before the align step that depends on it; the other tile sizes are autotuned on CUDA, one small
 config under the interpreter.
+
+Int4 expert weights (`fused_moe_w4a16`, `attnopt::moe_w4a16`): the same steps, with both GEMM
+kernels compiled with INT4 set. Their weight tiles are then read as packed codes (each expert
+matrix in the layout of `backends.int4`: [N, Kp/2] uint8, one scale and zero per group along K)
+and unpacked in registers as `triton/w4a16.py` does it (`_weight_tile`): q - z is an integer,
+exact in x's dtype, so each tile is one tl.dot on exact operands accumulated in fp32, and the
+group's scale multiplies the fp32 tile product. BLOCK_K divides the group size (configs are
+capped to it), and the down GEMM's K chunks are whole granules, so no tile straddles a group.
+Precision is then the float kernel's on the dequantized weights.
 """
 
 from __future__ import annotations
@@ -179,6 +188,38 @@ def _dot(a, b, DOT_IN_FP32: tl.constexpr):
 
 
 @triton.jit
+def _weight_tile(w, cols, col_ok, k0, k_hi, swn, swk, sc, ssn, ssg, zp, szn, szg, group_size,
+                 dtype: tl.constexpr, INT4: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr):
+    """The [BLOCK_K, BLOCK_N] tile W[cols, k0:k0 + BLOCK_K]ᵀ of one expert's weight (w points
+    at the expert), and the tile's scales [BLOCK_N] in fp32 (ones for a float weight).
+
+    A float weight is loaded as it is, 0 outside k < k_hi and col_ok. An int4 weight (INT4: the
+    packed format of `backends.int4`, w the uint8 codes [N, Kp/2]) is unpacked in registers as
+    in `triton/w4a16.py`: the tile's bytes, their nibbles split and interleaved back into k
+    order, the group's zero point subtracted, giving q - z, an integer exact in `dtype`. k0 is
+    a multiple of BLOCK_K, which divides the group size, so the tile lies in one group and its
+    scale is one number per column, which the caller applies to the fp32 product. The codes
+    past K (up to K rounded up to the group) dequantize to 0 and k0 < K, so the bytes need no
+    K mask; the activations are 0 there anyway."""
+    if INT4:
+        kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+        b = tl.load(w + cols[:, None] * swn + kb[None, :] * swk, mask=col_ok[:, None], other=0)
+        # Byte j holds codes 2j (low nibble) and 2j + 1 (high): stacking them on a new last
+        # axis and flattening it puts the codes back in k order.
+        q = tl.reshape(tl.join(b & 0xF, b >> 4), (BLOCK_N, BLOCK_K))
+        g = k0 // group_size
+        z = tl.load(zp + cols * szn + g * szg, mask=col_ok, other=0.0).to(tl.float32)
+        s = tl.load(sc + cols * ssn + g * ssg, mask=col_ok, other=0.0).to(tl.float32)
+        return tl.trans((q.to(tl.float32) - z[:, None]).to(dtype)), s
+    else:
+        ks = k0 + tl.arange(0, BLOCK_K)
+        tile = tl.load(w + cols[None, :] * swn + ks[:, None] * swk,
+                       mask=(ks < k_hi)[:, None] & col_ok[None, :], other=0.0)
+        return tile, tl.full([BLOCK_N], 1.0, tl.float32)
+
+
+@triton.jit
 def _act(g, ACT: tl.constexpr):
     """silu(g) = g σ(g); gelu(g) = g Φ(g) = g (1 + erf(g / √2)) / 2; its tanh form
     g (1 + tanh(u)) / 2 = g σ(2u), u = √(2/π) (g + 0.044715 g³)."""
@@ -215,13 +256,16 @@ def _rows(pid_m, sorted_ids, expert_of_block, S, BLOCK_M: tl.constexpr):
 
 @triton.jit
 def _gate_up_kernel(
-    h, x, sxt, sxh, w, swe, swn, swk, sorted_ids, expert_of_block, num_post_padded,
-    S, N, K, top_k, max_blocks, m_bucket,
-    ACT: tl.constexpr, DOT_IN_FP32: tl.constexpr, BLOCK_M: tl.constexpr,
+    h, x, sxt, sxh, w, swe, swn, swk, sc, sse, ssn, ssg, zp, sze, szn, szg,
+    sorted_ids, expert_of_block, num_post_padded,
+    S, N, K, top_k, max_blocks, m_bucket, group_size,
+    ACT: tl.constexpr, INT4: tl.constexpr, DOT_IN_FP32: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """h[p, cols] = act(x[p // k] · W_gate[e, cols]) ⊙ (x[p // k] · W_up[e, cols]) for the
-    pairs p of one block (N = I, K = H); W_up[e, n] is row I + n of w_gate_up[e]."""
+    pairs p of one block (N = I, K = H); W_up[e, n] is row I + n of w_gate_up[e]. With INT4,
+    w, sc and zp are the packed codes, scales and zeros (`_weight_tile`); otherwise sc and zp
+    are unused."""
     pid_m, pid_n = _tile(tl.program_id(0), max_blocks, N, BLOCK_N, GROUP_M)
     if pid_m * BLOCK_M < tl.load(num_post_padded):  # past the last real block: nothing to do
         pairs, row_ok, e = _rows(pid_m, sorted_ids, expert_of_block, S, BLOCK_M)
@@ -229,8 +273,8 @@ def _gate_up_kernel(
         col_ok = cols < N
         offs_k = tl.arange(0, BLOCK_K)
         x_rows = x + (pairs // top_k) * sxt
-        w_gate = w + e * swe + cols[None, :] * swn
-        w_up = w_gate + N * swn
+        w_e, sc_e, zp_e = w + e * swe, sc + e * sse, zp + e * sze
+        up = N  # W_up[e, n] is row N + n: the same tile, N rows further
         acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
@@ -238,11 +282,18 @@ def _gate_up_kernel(
             k_ok = ks < K
             a = tl.load(x_rows[:, None] + ks[None, :] * sxh,
                         mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            w_mask = k_ok[:, None] & col_ok[None, :]
-            bg = tl.load(w_gate + ks[:, None] * swk, mask=w_mask, other=0.0)
-            bu = tl.load(w_up + ks[:, None] * swk, mask=w_mask, other=0.0)
-            acc_g += _dot(a, bg, DOT_IN_FP32)
-            acc_u += _dot(a, bu, DOT_IN_FP32)
+            bg, sg = _weight_tile(w_e, cols, col_ok, k0, K, swn, swk, sc_e, ssn, ssg, zp_e,
+                                  szn, szg, group_size, x.dtype.element_ty, INT4, BLOCK_N,
+                                  BLOCK_K)
+            bu, su = _weight_tile(w_e, cols + up, col_ok, k0, K, swn, swk, sc_e, ssn, ssg, zp_e,
+                                  szn, szg, group_size, x.dtype.element_ty, INT4, BLOCK_N,
+                                  BLOCK_K)
+            if INT4:
+                acc_g += _dot(a, bg, DOT_IN_FP32) * sg[None, :]
+                acc_u += _dot(a, bu, DOT_IN_FP32) * su[None, :]
+            else:
+                acc_g += _dot(a, bg, DOT_IN_FP32)
+                acc_u += _dot(a, bu, DOT_IN_FP32)
         out = _act(acc_g, ACT) * acc_u
         tl.store(h + pairs[:, None] * N + cols[None, :], out.to(h.dtype.element_ty),
                  mask=row_ok[:, None] & col_ok[None, :])
@@ -250,13 +301,16 @@ def _gate_up_kernel(
 
 @triton.jit
 def _down_kernel(
-    part, h, w, swe, swn, swk, topk_weights, sorted_ids, expert_of_block, num_post_padded,
-    S, N, K, k_per_split, max_blocks, m_bucket,
-    DOT_IN_FP32: tl.constexpr, BLOCK_M: tl.constexpr,
+    part, h, w, swe, swn, swk, sc, sse, ssn, ssg, zp, sze, szn, szg, topk_weights,
+    sorted_ids, expert_of_block, num_post_padded,
+    S, N, K, k_per_split, max_blocks, m_bucket, group_size,
+    INT4: tl.constexpr, DOT_IN_FP32: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """part[chunk, p, cols] = topk_weights.flat[p] · Σ_{i in chunk} h[p, i] W_down[e, cols, i]
-    in fp32, for the pairs p of one block (N = H, K = I; chunk = program_id(1))."""
+    in fp32, for the pairs p of one block (N = H, K = I; chunk = program_id(1)). INT4 as in
+    `_gate_up_kernel`; k_per_split is then a multiple of BLOCK_K, so no K tile straddles a
+    group."""
     pid_m, pid_n = _tile(tl.program_id(0), max_blocks, N, BLOCK_N, GROUP_M)
     if pid_m * BLOCK_M < tl.load(num_post_padded):  # past the last real block: nothing to do
         pairs, row_ok, e = _rows(pid_m, sorted_ids, expert_of_block, S, BLOCK_M)
@@ -267,16 +321,20 @@ def _down_kernel(
         col_ok = cols < N
         offs_k = tl.arange(0, BLOCK_K)
         h_rows = h + pairs * K
-        w_e = w + e * swe + cols[None, :] * swn
+        w_e, sc_e, zp_e = w + e * swe, sc + e * sse, zp + e * sze
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for k0 in range(k_lo, k_hi, BLOCK_K):
             ks = k0 + offs_k
             k_ok = ks < k_hi
             a = tl.load(h_rows[:, None] + ks[None, :], mask=row_ok[:, None] & k_ok[None, :],
                         other=0.0)
-            b = tl.load(w_e + ks[:, None] * swk, mask=k_ok[:, None] & col_ok[None, :],
-                        other=0.0)
-            acc += _dot(a, b, DOT_IN_FP32)
+            b, sb = _weight_tile(w_e, cols, col_ok, k0, k_hi, swn, swk, sc_e, ssn, ssg, zp_e,
+                                 szn, szg, group_size, h.dtype.element_ty, INT4, BLOCK_N,
+                                 BLOCK_K)
+            if INT4:
+                acc += _dot(a, b, DOT_IN_FP32) * sb[None, :]
+            else:
+                acc += _dot(a, b, DOT_IN_FP32)
         rw = tl.load(topk_weights + pairs, mask=row_ok, other=0.0).to(tl.float32)
         acc = acc * rw[:, None]
         dst = part + split.to(tl.int64) * S * N + pairs[:, None] * N + cols[None, :]
@@ -326,22 +384,34 @@ SMEM_BYTES = 200 * 1024  # under the ~227 KB an H100 block may use; A100 has 163
 
 def prune_configs(configs, named_args, **kwargs):
     """Drop configs whose pipelined tiles would not fit in shared memory at this BLOCK_M and
-    element size (estimate: stages x (A tile + B tiles)); keep the smallest if none fits."""
+    element size (estimate: stages x (A tile + B tiles), an int4 B tile half a byte per code);
+    keep the smallest if none fits. With int4 weights a K tile must not straddle groups, so
+    BLOCK_K is capped at the (power-of-two) group size, which it then divides."""
     args = {**named_args, **kwargs}
     bm = args["BLOCK_M"]
-    elt = args["w"].element_size()
+    int4 = bool(args.get("INT4", False))
+    a = next((args[k] for k in ("x", "h") if isinstance(args.get(k), Tensor)), args["w"])
+    a_elt, w_elt = a.element_size(), 0.5 if int4 else args["w"].element_size()
     b_tiles = 2 if "x" in args else 1  # the gate/up kernel loads two weight tiles per step
+    if int4:
+        capped = {}
+        for c in configs:
+            kw = {**c.kwargs, "BLOCK_K": min(c.kwargs["BLOCK_K"], args["group_size"])}
+            capped.setdefault((*sorted(kw.items()), c.num_warps, c.num_stages), triton.Config(
+                kw, num_warps=c.num_warps, num_stages=c.num_stages))
+        configs = list(capped.values())
 
     def smem(c):
         n, k = c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
-        return c.num_stages * (bm * k + b_tiles * n * k) * elt
+        return c.num_stages * (bm * k * a_elt + b_tiles * n * k * w_elt)
 
     fits = [c for c in configs if smem(c) <= SMEM_BYTES]
     return fits or [min(configs, key=smem)]
 
 
 def _tuned(kernel, cuda_configs: list[triton.Config]):
-    key = ["m_bucket", "N", "K", "BLOCK_M"]
+    # INT4 and group_size: the float and int4 variants (and each group size) tune apart.
+    key = ["m_bucket", "N", "K", "BLOCK_M", "INT4", "group_size"]
     if interpreting():
         # BLOCK_N 16 and BLOCK_K 16 so that small test shapes have several tiles and tails.
         config = triton.Config({"BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2}, num_warps=4,
@@ -378,6 +448,23 @@ def _check(x, topk_ids, topk_weights, w_gate_up, w_down, activation) -> None:
         raise TypeError(f"fused_moe supports fp16, bf16 and fp32, got {x.dtype}")
 
 
+class _Weight(NamedTuple):
+    """One stacked expert weight as the GEMM kernels take it: a float [E, N, K] (scales and
+    zeros None), or int4 codes [E, N, Kp/2] with their scales and zeros [E, N, Kp/g]."""
+
+    w: Tensor
+    scales: Tensor | None = None
+    zeros: Tensor | None = None
+
+    def args(self) -> tuple:
+        """w and its strides, then scales and zeros with theirs (w and 0s for a float weight:
+        the kernels do not read them)."""
+        if self.scales is None:
+            return (self.w, *self.w.stride(), self.w, 0, 0, 0, self.w, 0, 0, 0)
+        return (self.w, *self.w.stride(), self.scales, *self.scales.stride(), self.zeros,
+                *self.zeros.stride())
+
+
 def fused_moe(
     x: Tensor,
     topk_ids: Tensor,
@@ -397,29 +484,68 @@ def fused_moe(
     their strides (a transposed weight view is never copied).
     """
     _check(x, topk_ids, topk_weights, w_gate_up, w_down, activation)
+    return _fused(x, topk_ids, topk_weights, _Weight(w_gate_up), _Weight(w_down),
+                  w_gate_up.shape[1] // 2, activation, 1, block_m, split_k)
+
+
+def fused_moe_w4a16(
+    x: Tensor,
+    topk_ids: Tensor,
+    topk_weights: Tensor,
+    gate_up_qweight: Tensor,
+    gate_up_scales: Tensor,
+    gate_up_zeros: Tensor,
+    down_qweight: Tensor,
+    down_scales: Tensor,
+    down_zeros: Tensor,
+    group_size: int,
+    activation: str = "silu",
+    *,
+    block_m: int | None = None,
+    split_k: int | None = None,
+) -> Tensor:
+    """`fused_moe` on int4 expert weights (`reference.moe_w4a16`): the same kernels with their
+    weight tiles unpacked in registers (`_weight_tile`), fp32 accumulation, each group's scale
+    applied to its tile's fp32 product. x is fp16/bf16 (fp32 accepted); the scales may have
+    any floating dtype. `block_m` and `split_k` as in `fused_moe`."""
+    reference.check_moe_w4a16(x, topk_ids, topk_weights, gate_up_qweight, gate_up_scales,
+                              gate_up_zeros, down_qweight, down_scales, down_zeros, group_size,
+                              activation)
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"fused_moe_w4a16 supports fp16, bf16 and fp32, got {x.dtype}")
+    return _fused(x, topk_ids, topk_weights,
+                  _Weight(gate_up_qweight, gate_up_scales, gate_up_zeros),
+                  _Weight(down_qweight, down_scales, down_zeros),
+                  gate_up_qweight.shape[1] // 2, activation, group_size, block_m, split_k)
+
+
+def _fused(x, topk_ids, topk_weights, gate_up: _Weight, down: _Weight, inter: int,
+           activation: str, group_size: int, block_m, split_k) -> Tensor:
     if block_m is not None and (block_m < 16 or block_m & (block_m - 1)):
         raise ValueError(f"block_m must be a power of two >= 16, got {block_m}")
     t, k = topk_ids.shape
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if t == 0 or x.shape[1] == 0:
         return out
-    if k == 0 or w_down.shape[2] == 0:
+    if k == 0 or inter == 0:
         return out.zero_()
     ids = topk_ids.contiguous()
     weights = topk_weights.contiguous()
     step = max(1, MAX_PAIRS // k)
     for t0 in range(0, t, step):
         t1 = min(t, t0 + step)
-        _forward(out[t0:t1], x[t0:t1], ids[t0:t1], weights[t0:t1], w_gate_up, w_down,
-                 ACTIVATIONS[activation], block_m, split_k)
+        _forward(out[t0:t1], x[t0:t1], ids[t0:t1], weights[t0:t1], gate_up, down, inter,
+                 ACTIVATIONS[activation], group_size, block_m, split_k)
     return out
 
 
-def _forward(out, x, ids, weights, w_gate_up, w_down, act, block_m, split_k) -> None:
+def _forward(out, x, ids, weights, gate_up: _Weight, down: _Weight, inter: int, act: int,
+             group_size: int, block_m, split_k) -> None:
     """One token chunk: steps 1-4 of the module docstring into `out` (contiguous rows)."""
     t, k = ids.shape
     h_dim, s = x.shape[1], t * k
-    num_experts, inter = w_down.shape[0], w_down.shape[2]
+    num_experts = gate_up.w.shape[0]
+    int4 = gate_up.scales is not None
     bm = block_m or (16 if interpreting() else choose_block_m(s, num_experts))
     al = align_block_size(ids.view(-1), num_experts, bm)
     m_bucket = triton.next_power_of_2(t)
@@ -428,12 +554,13 @@ def _forward(out, x, ids, weights, w_gate_up, w_down, act, block_m, split_k) -> 
 
     hidden = torch.empty((s, inter), dtype=x.dtype, device=x.device)
     grid = lambda meta: (al.max_blocks * triton.cdiv(inter, meta["BLOCK_N"]),)
-    _gate_up[grid](hidden, x, *x.stride(), w_gate_up, *w_gate_up.stride(), *blocks,
-                   s, inter, h_dim, k, al.max_blocks, m_bucket,
-                   ACT=act, DOT_IN_FP32=dot_fp32, BLOCK_M=bm)
+    _gate_up[grid](hidden, x, *x.stride(), *gate_up.args(), *blocks,
+                   s, inter, h_dim, k, al.max_blocks, m_bucket, group_size,
+                   ACT=act, INT4=int4, DOT_IN_FP32=dot_fp32, BLOCK_M=bm)
 
     # Chunks counted for nominal 64-column tiles; autotuning may pick others, which moves the
-    # programs per SM by a small factor.
+    # programs per SM by a small factor. A chunk is whole granules, so whole K tiles (every
+    # BLOCK_K divides the granule): no int4 tile straddles a group.
     if split_k is None:
         if interpreting():
             split_k = 2
@@ -445,9 +572,9 @@ def _forward(out, x, ids, weights, w_gate_up, w_down, act, block_m, split_k) -> 
     splits = triton.cdiv(inter, chunk)
     part = torch.empty((splits, s, h_dim), dtype=torch.float32, device=x.device)
     grid = lambda meta: (al.max_blocks * triton.cdiv(h_dim, meta["BLOCK_N"]), splits)
-    _down[grid](part, hidden, w_down, *w_down.stride(), weights, *blocks,
-                s, h_dim, inter, chunk, al.max_blocks, m_bucket,
-                DOT_IN_FP32=dot_fp32, BLOCK_M=bm)
+    _down[grid](part, hidden, *down.args(), weights, *blocks,
+                s, h_dim, inter, chunk, al.max_blocks, m_bucket, group_size,
+                INT4=int4, DOT_IN_FP32=dot_fp32, BLOCK_M=bm)
 
     block = 1024
     _sum_kernel[(triton.cdiv(t * h_dim, block),)](out, part, ids, t * h_dim, h_dim,

@@ -1,0 +1,227 @@
+"""Split-KV flash decoding over a paged KV cache, read in place; see `reference.paged_attention`.
+
+The cache of one layer is a pool of fixed-size blocks, K [num_blocks, block_size, Hkv, D] and
+V [num_blocks, block_size, Hkv, Dv] (`attnopt.cache.PagedKVCache`), and sequence b's token t
+lies in block block_table[b, t // block_size], row t % block_size. Nothing is gathered into a
+contiguous K/V first: the kernel computes each key's address from the block table as it loads
+the tile, so a tile of BLOCK_N keys may span several blocks and the block size need not be a
+power of two. K/V are read through the pools' strides (the token-major layout above is what
+the cache writes; a head-major pool [num_blocks, Hkv, block_size, D] viewed as
+`.transpose(1, 2)` reads as well).
+
+Phase 1 (split): one program per (batch, KV head, chunk of SPLIT_LEN keys, block of query rows).
+The chunk's K/V is read once for every query head of the group (GQA by indexing: query head h
+reads KV head h // (Hq // Hkv)) and every one of the Lq query rows, flattened as
+r = g · Lq + i. It folds the chunk into the online softmax of `triton.attention` (base 2) and
+writes its normalised partial output and log-sum-exp per row.
+
+Phase 2 (merge): one program per output row combines that sequence's chunks,
+out = Σ_s 2^(lse_s - lse) o_s with lse = log2 Σ_s 2^lse_s, streaming over them.
+
+The grid is sized by the block table's width, not by the sequences' lengths, so launching reads
+nothing back from the device (no sync, and one captured CUDA graph serves every step): a chunk
+past its sequence's end loops over nothing and stores nothing, and the merge reads only the
+first cdiv(seq_lens[b], SPLIT_LEN) chunks, those that hold keys. Parallelism therefore follows
+the real lengths (each SPLIT_LEN keys of a sequence is one more program), and a table much
+wider than the sequences costs only programs that exit at once and a larger partials buffer.
+
+int8 pools are dequantized in registers: each tile of int8 codes is multiplied by its per
+(token, head) fp32 scales and rounded to q's dtype before the products, exactly as
+`reference.dequantize_kv` states.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from attnopt.backends import reference
+from attnopt.backends.triton import interpreting
+from attnopt.backends.triton.attention import LOG2E, _dot, _finite_or_zero
+
+# Keys per chunk of the split phase by default: long enough that a chunk's partial output and
+# the merge stay small next to its attention work, short enough that a few thousand cached
+# tokens already spread over many programs.
+SPLIT_LEN = 256
+
+
+@triton.jit
+def _load_kv_tile(pool, scale, blk, row, hkv, sb, sn, sh, sd, ssb, ssn, ssh, offs_d, key_ok,
+                  D, dtype: tl.constexpr, QUANTIZED: tl.constexpr):
+    """The [BLOCK_N, BLOCK_D] vectors of KV head hkv of BLOCK_N keys (or values), in q's dtype:
+    key n lives at pool[blk[n], row[n], hkv]; lanes past D or past the keys read 0."""
+    x = tl.load(pool + (blk * sb + row * sn + hkv * sh)[:, None] + offs_d[None, :] * sd,
+                mask=key_ok[:, None] & (offs_d < D)[None, :], other=0)
+    if QUANTIZED:
+        s = tl.load(scale + blk * ssb + row * ssn + hkv * ssh, mask=key_ok, other=0.0)
+        x = x.to(tl.float32) * s[:, None]
+    return x.to(dtype)
+
+
+@triton.jit
+def _paged_split_kernel(
+    o_part, lse_part,
+    q, sqb, sqh, sqm, sqd,
+    k_pool, skb, skn, skh, skd, v_pool, svb, svn, svh, svd,
+    k_scale, sksb, sksn, sksh, v_scale, svsb, svsn, svsh,
+    block_table, stb, stj, seq_lens,
+    Hq, Hkv, Lq, D, Dv, block_size, num_splits, qk_scale,
+    IS_CAUSAL: tl.constexpr, QUANTIZED: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+    SPLIT_LEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """Phase 1: keys [split · SPLIT_LEN, (split + 1) · SPLIT_LEN) of one (batch, KV head)
+    against BLOCK_M of the group's (query head, query row) pairs."""
+    bkv = tl.program_id(0).to(tl.int64)  # int64: offsets into large pools overflow int32
+    split = tl.program_id(1)
+    b = bkv // Hkv
+    hkv = bkv % Hkv
+    group = Hq // Hkv
+    r = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = r < group * Lq
+    h = hkv * group + r // Lq
+    q_pos = r % Lq
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+
+    seq_len = tl.load(seq_lens + b).to(tl.int32)
+    lo = split * SPLIT_LEN
+    hi = tl.minimum(lo + SPLIT_LEN, seq_len)
+    if lo < seq_len:  # chunks past the sequence's end do nothing; the merge never reads them
+        q_blk = tl.load(
+            q + b * sqb + h[:, None] * sqh + q_pos[:, None] * sqm + offs_d[None, :] * sqd,
+            mask=row_ok[:, None] & (offs_d < D)[None, :], other=0.0)
+        acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        table_row = block_table + b * stb
+        for start in range(lo, hi, BLOCK_N):
+            cols = start + offs_n
+            key_ok = cols < hi
+            # Each key's address: its block from the table, its row within the block.
+            blk = tl.load(table_row + (cols // block_size) * stj, mask=key_ok, other=0)
+            blk = blk.to(tl.int64)
+            row = cols % block_size
+            k_blk = _load_kv_tile(k_pool, k_scale, blk, row, hkv, skb, skn, skh, skd,
+                                  sksb, sksn, sksh, offs_d, key_ok, D, q_blk.dtype, QUANTIZED)
+            s = _dot(q_blk, tl.trans(k_blk), DOT_IN_FP32) * qk_scale
+            keep = key_ok[None, :]
+            if IS_CAUSAL:
+                keep = keep & (cols[None, :] <= q_pos[:, None] + (seq_len - Lq))
+            s = tl.where(keep, s, float("-inf"))
+
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            base = _finite_or_zero(m_new)
+            p = tl.exp2(s - base[:, None])
+            alpha = tl.exp2(m_i - base)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            v_blk = _load_kv_tile(v_pool, v_scale, blk, row, hkv, svb, svn, svh, svd,
+                                  svsb, svsn, svsh, offs_dv, key_ok, Dv, q_blk.dtype,
+                                  QUANTIZED)
+            acc = acc * alpha[:, None] + _dot(p.to(v_blk.dtype), v_blk, DOT_IN_FP32)
+            m_i = m_new
+
+        # Partials are [B, Hq, Lq, num_splits, (Dv)]: a row's chunks are adjacent for the
+        # merge. A chunk in which a row sees no key stores o_s = 0 and lse_s = -inf.
+        part = ((b * Hq + h) * Lq + q_pos) * num_splits + split
+        seen = l_i > 0
+        y = acc / tl.where(seen, l_i, 1.0)[:, None]
+        tl.store(o_part + part[:, None] * Dv + offs_dv[None, :], y,
+                 mask=row_ok[:, None] & (offs_dv < Dv)[None, :])
+        lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
+        tl.store(lse_part + part, lse, mask=row_ok)
+
+
+@triton.jit
+def _paged_merge_kernel(
+    out, o_part, lse_part, seq_lens, Hq, Lq, Dv, num_splits,
+    SPLIT_LEN: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """Phase 2: out[row] for one of the B · Hq · Lq rows, from the chunks of its sequence that
+    hold keys, merged with a running maximum of their lse. No chunk, or only chunks with
+    lse = -inf, gives 0."""
+    row = tl.program_id(0).to(tl.int64)
+    b = row // (Hq * Lq)
+    seq_len = tl.load(seq_lens + b).to(tl.int32)
+    used = tl.minimum((seq_len + SPLIT_LEN - 1) // SPLIT_LEN, num_splits)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    m = tl.full([1], float("-inf"), dtype=tl.float32)
+    total = tl.zeros([1], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_DV], dtype=tl.float32)
+    for s0 in range(0, used, BLOCK_S):
+        splits = s0 + offs_s
+        ok = splits < used
+        part = row * num_splits + splits
+        lse = tl.load(lse_part + part, mask=ok, other=float("-inf"))
+        m_new = tl.maximum(m, tl.max(lse, axis=0))
+        base = _finite_or_zero(m_new)
+        w = tl.exp2(lse - base)
+        alpha = tl.exp2(m - base)
+        o = tl.load(o_part + part[:, None] * Dv + offs_dv[None, :],
+                    mask=ok[:, None] & (offs_dv < Dv)[None, :], other=0.0)
+        acc = acc * alpha + tl.sum(w[:, None] * o, axis=0)
+        total = total * alpha + tl.sum(w, axis=0)
+        m = m_new
+    y = acc / tl.where(total > 0, total, 1.0)
+    tl.store(out + row * Dv + offs_dv, y.to(out.dtype.element_ty), mask=offs_dv < Dv)
+
+
+def paged_attention(
+    q: Tensor,
+    k_pool: Tensor,
+    v_pool: Tensor,
+    block_table: Tensor,
+    seq_lens: Tensor,
+    scale: float,
+    is_causal: bool = True,
+    k_scale: Tensor | None = None,
+    v_scale: Tensor | None = None,
+    *,
+    split_len: int | None = None,
+    block_m: int | None = None,
+    block_n: int | None = None,
+) -> Tensor:
+    """`reference.paged_attention` for fp16, bf16 and fp32 q with pools of q's dtype or int8.
+
+    `split_len` (keys per chunk of the split phase, default SPLIT_LEN), `block_m` ((query head,
+    query row) pairs per program) and `block_n` (keys per tile) override the defaults, which
+    lets tests reach every path on tiny shapes. Every power of two from 16 up is a valid
+    block_m / block_n; split_len is rounded up to a multiple of block_n.
+    """
+    reference.check_paged_attention(q, k_pool, v_pool, block_table, seq_lens, k_scale, v_scale)
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"paged attention kernel supports fp16, bf16 and fp32, got {q.dtype}")
+    b, hq, lq, d = q.shape
+    _, block_size, hkv, dv = v_pool.shape
+    out = torch.empty((b, hq, lq, dv), dtype=q.dtype, device=q.device)
+    if out.numel() == 0:
+        return out
+    quantized = k_pool.dtype == torch.int8
+
+    rows = hq // hkv * lq  # tl.dot needs 16 rows; past 64 rows of q and acc would spill
+    bm = block_m or min(64, max(16, triton.next_power_of_2(rows)))
+    bn = block_n or (32 if interpreting() else 64)
+    chunk = triton.cdiv(split_len or SPLIT_LEN, bn) * bn
+    num_splits = max(1, triton.cdiv(block_table.shape[1] * block_size, chunk))
+    o_part = torch.empty((b, hq, lq, num_splits, dv), dtype=torch.float32, device=q.device)
+    lse_part = torch.empty((b, hq, lq, num_splits), dtype=torch.float32, device=q.device)
+    # Without int8 the scale pointers are unused: any tensor with zero strides will do.
+    ks = (k_scale, *k_scale.stride()) if quantized else (q, 0, 0, 0)
+    vs = (v_scale, *v_scale.stride()) if quantized else (q, 0, 0, 0)
+    _paged_split_kernel[(b * hkv, num_splits, triton.cdiv(rows, bm))](
+        o_part, lse_part, q, *q.stride(), k_pool, *k_pool.stride(), v_pool, *v_pool.stride(),
+        *ks, *vs, block_table, *block_table.stride(), seq_lens,
+        hq, hkv, lq, d, dv, block_size, num_splits, float(scale) * LOG2E.value,
+        IS_CAUSAL=bool(is_causal), QUANTIZED=quantized,
+        DOT_IN_FP32=interpreting() and q.dtype == torch.bfloat16, SPLIT_LEN=chunk,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=triton.next_power_of_2(d),
+        BLOCK_DV=triton.next_power_of_2(dv), num_warps=4)
+    _paged_merge_kernel[(b * hq * lq,)](
+        out, o_part, lse_part, seq_lens, hq, lq, dv, num_splits, SPLIT_LEN=chunk,
+        BLOCK_S=min(16, triton.next_power_of_2(num_splits)),
+        BLOCK_DV=triton.next_power_of_2(dv))
+    return out
