@@ -3,17 +3,84 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
+import textwrap
+import warnings
 from collections.abc import Sequence
+
+from rich.console import Console
+from rich.text import Text
+
+MODEL_HELP = ("a transformers model directory (config.json + safetensors weights, loaded "
+              "offline) or package.module:function returning (model, example_inputs)")
+
+EPILOG = """\
+examples:
+  attnopt demo                                       the main job on a built-in model
+  attnopt quantize ./minilm -o ./minilm-int4 --onnx --verify
+  attnopt export ./tiny-llama -o llama.onnx --quantize w4a16 --verify
+  attnopt diff ./tiny-llama --html diff.html
+
+In Python: torch.compile(model, backend="attnopt", options={...}).
+"""
+
+QUANTIZE_EPILOG = """\
+OUT receives model.safetensors and quantization_config.json (load them with
+attnopt.load_quantized into a model built from the config), MODEL's config and
+tokenizer files, and with --onnx model.onnx. Nothing is written if a step fails.
+
+examples:
+  attnopt quantize ./minilm -o ./minilm-int4
+  attnopt quantize ./minilm -o ./minilm-int4 --method awq --calib texts.txt --group-size 32
+  attnopt quantize ./llama -o ./llama-int4 --skip 'model.layers.0.*' --onnx --verify
+  attnopt quantize mypkg.models:build -o ./out --force
+"""
+
+EXPORT_EPILOG = """\
+Batch and sequence length stay dynamic in the ONNX model. attnopt ops become ONNX
+Attention (opset 23), Softmax and com.microsoft MatMulNBits (ONNX Runtime).
+
+examples:
+  attnopt export ./tiny-llama -o llama.onnx
+  attnopt export ./tiny-llama -o llama-int4.onnx --quantize w4a16 --group-size 64 --verify
+"""
+
+DIFF_EPILOG = """\
+examples:
+  attnopt diff ./tiny-llama
+  attnopt diff ./tiny-llama --quantize w4a16 --passes attention,quantize | less
+  attnopt diff ./minilm --html minilm.html --json minilm.json
+"""
+
+VERIFY_HELP = ("run the ONNX model in ONNX Runtime on new inputs and compare it with eager "
+               "PyTorch and with attnopt's graph in PyTorch; exit 1 (writing nothing) if it "
+               "differs from the latter by more than 1e-4 relative (fp32)")
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="attnopt",
-        description="Graph-rewriting torch.compile backend: fused attention, softmax, MoE and "
-        "int4 linear kernels. Use it as torch.compile(model, backend='attnopt').",
+        prog="attnopt", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=textwrap.fill(
+            "Graph-rewriting torch.compile backend: fused attention, softmax, MoE and int4 "
+            "linear kernels. Use it as torch.compile(model, backend='attnopt'); the commands "
+            "below work on a model offline.", 79),
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_demo(sub)
+    _add_quantize(sub)
+    _add_export(sub)
+    _add_diff(sub)
+    return parser
+
+
+def _command(sub: argparse._SubParsersAction, name: str, summary: str, description: str,
+             epilog: str) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=summary, description=textwrap.fill(description, 79),
+                          epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
     demo = sub.add_parser(
         "demo", help="compile a small built-in Llama-style model and show what attnopt did",
         description="Build a small Llama-style model locally (random weights, no downloads), "
@@ -32,7 +99,81 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-baseline", action="store_true",
                       help="skip the default torch.compile baseline (saves its compile time)")
     demo.add_argument("--runs", type=int, default=20, help="timed runs per variant (default 20)")
-    return parser
+
+
+def _add_quantize(sub: argparse._SubParsersAction) -> None:
+    from attnopt.backends.int4 import GROUP_SIZES
+    from attnopt.quantization.model import METHODS
+
+    q = _command(sub, "quantize", "quantize a model's linear layers to int4 once, offline",
+                 "Quantize every linear layer of MODEL (except lm_head and --skip) to int4 "
+                 "weights in groups along the input dim, by round-to-nearest or AWQ, print "
+                 "each layer's error, and save the quantized checkpoint to OUT.",
+                 QUANTIZE_EPILOG)
+    q.add_argument("model", metavar="MODEL", help=MODEL_HELP)
+    q.add_argument("-o", "--output", metavar="OUT", required=True,
+                   help="directory to create for the quantized checkpoint")
+    q.add_argument("--group-size", type=int, choices=GROUP_SIZES, default=128, metavar="N",
+                   help=f"quantization group along K, one of {', '.join(map(str, GROUP_SIZES))} "
+                   "(default 128; smaller is more accurate and larger)")
+    q.add_argument("--method", choices=METHODS, default="rtn",
+                   help="rtn: round to nearest; awq: activation-aware scales, needs --calib "
+                   "(default rtn)")
+    q.add_argument("--calib", metavar="FILE",
+                   help="AWQ calibration text, one sentence or paragraph per line (needs "
+                   "MODEL's tokenizer)")
+    _add_skip(q)
+    q.add_argument("--onnx", action="store_true",
+                   help="also export the quantized model to OUT/model.onnx")
+    q.add_argument("--verify", action="store_true", help=VERIFY_HELP + " (needs --onnx)")
+    q.add_argument("--force", action="store_true", help="replace OUT if it exists")
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    from attnopt.backends.int4 import GROUP_SIZES
+
+    e = _command(sub, "export", "export attnopt's rewritten graph of a model to ONNX",
+                 "Capture MODEL with torch.export, run attnopt's passes over its graph "
+                 "(attention, softmax, and with --quantize int4 linears) and write the result "
+                 "as an ONNX model that ONNX Runtime runs.", EXPORT_EPILOG)
+    e.add_argument("model", metavar="MODEL", help=MODEL_HELP)
+    e.add_argument("-o", "--output", metavar="FILE", required=True,
+                   help="the .onnx file to write")
+    e.add_argument("--quantize", choices=("w4a16",),
+                   help="quantize linear layers to int4 weights (round to nearest) on the way")
+    e.add_argument("--group-size", type=int, choices=GROUP_SIZES, metavar="N",
+                   help="with --quantize: quantization group along K (default 128)")
+    _add_skip(e)
+    _add_passes(e)
+    e.add_argument("--verify", action="store_true", help=VERIFY_HELP)
+    e.add_argument("--force", action="store_true", help="replace FILE if it exists")
+
+
+def _add_diff(sub: argparse._SubParsersAction) -> None:
+    d = _command(sub, "diff", "show what each attnopt pass changes in a model's graph",
+                 "Capture MODEL with torch.export, run attnopt's passes over its graph and "
+                 "print what each pass rewrote, the candidates it refused and why, and a "
+                 "unified diff of the graph before and after.", DIFF_EPILOG)
+    d.add_argument("model", metavar="MODEL", help=MODEL_HELP)
+    d.add_argument("--quantize", choices=("w4a16",),
+                   help="include int4 quantization of the linear layers")
+    _add_passes(d)
+    d.add_argument("--html", metavar="FILE", help="also write the HTML report (diff per pass, "
+                   "graphs side by side) to FILE")
+    d.add_argument("--json", metavar="FILE", help="also write the report as JSON to FILE")
+
+
+def _add_passes(parser: argparse.ArgumentParser) -> None:
+    from attnopt.passes import PASS_NAMES
+
+    parser.add_argument("--passes", metavar="A,B", help="run only these passes (of "
+                        f"{', '.join(PASS_NAMES)}; default all)")
+
+
+def _add_skip(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--skip", metavar="GLOB", action="append", default=[],
+                        help="keep modules matching GLOB (whole name or a dotted suffix, e.g. "
+                        "'*.mlp.down_proj') in float; repeatable; lm_head always is")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -41,7 +182,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         from attnopt.demo import run_demo
 
         return run_demo(args)
-    return 2
+    # Library deprecation notices and the ONNX exporter's progress lines are not the user's.
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    from attnopt.commands import CommandError, UsageError, diff, export, quantize
+
+    run = {"quantize": quantize.run, "export": export.run, "diff": diff.run}[args.command]
+    try:
+        return run(args)
+    except UsageError as e:
+        Console(stderr=True).print(Text.assemble(f"attnopt {args.command}: ",
+                                                 ("error:", "red"), f" {e}"))
+        return 2
+    except CommandError as e:
+        Console(stderr=True).print(Text.assemble(f"attnopt {args.command}: ",
+                                                 ("failed:", "red"), f" {e}"))
+        return 1
 
 
 if __name__ == "__main__":

@@ -8,6 +8,10 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+from torch._prims_common import (
+    compute_elementwise_output_logical_to_physical_perm,
+    is_non_overlapping_and_dense_or_false,
+)
 
 from attnopt.compiler.graph import insert_call
 from attnopt.compiler.options import Options
@@ -77,6 +81,15 @@ def _same_layout(graph: fx.Graph, new: fx.Node, old: fx.Node) -> fx.Node:
         return new
     if before.stride() == after.stride() or before.numel() <= 1:
         return new
+    if is_non_overlapping_and_dense_or_false(before):
+        # Dense in some dim order: copy into that order and permute back. No size is written
+        # into the graph, so symbolic sizes (dynamic shapes, torch.export) stay symbolic.
+        order, _ = compute_elementwise_output_logical_to_physical_perm(before)
+        physical = insert_call(graph, aten.permute.default, (new, order))
+        dense = insert_call(graph, aten.clone.default, (physical,),
+                            {"memory_format": torch.contiguous_format})
+        inverse = [order.index(d) for d in range(len(order))]
+        return insert_call(graph, aten.permute.default, (dense, inverse))
     buffer = insert_call(graph, aten.empty_strided.default, (before.shape, before.stride()),
                          {"dtype": before.dtype, "device": before.device})
     return insert_call(graph, aten.copy.default, (buffer, new))

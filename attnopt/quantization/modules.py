@@ -111,6 +111,11 @@ class Int4Linear(nn.Module):
         return w.to(dtype)
 
     def forward(self, x: Tensor) -> Tensor:
+        # The int4 kernels zero-pad x to the padded K, so a narrower x would run silently. The
+        # check also tells torch.export that the feature dim is static (MatMulNBits needs K).
+        # (A message built from self or x would make Dynamo break the graph here.)
+        torch._check(x.shape[-1] == self.in_features,
+                     lambda: "Int4Linear: the input's last dim must equal in_features")
         if self.input_scale is not None:
             x = x * self.input_scale
         return torch.ops.attnopt.w4a16_linear(x, self.qweight, self.scales, self.zeros, self.bias,

@@ -1,0 +1,228 @@
+"""ONNX translations of the attnopt ops, for `torch.onnx.export(..., dynamo=True,
+custom_translation_table=TRANSLATIONS, opset_version=OPSET)`, then `optimize(model)`.
+
+Each translation is an ONNX Script function traced at export time: its tensor arguments are the
+exporter's symbolic values (with the dtypes and shapes torch.export recorded), its other
+arguments plain Python values. What each op becomes, and why (each checked in ONNX Runtime's
+CPU provider against `backends/reference.py` by tests/backends/test_onnx.py):
+
+- `attnopt::attention` -> the standard `Attention` op of opset 23. ORT's CPU kernel reads
+  grouped K/V as they are (GQA, MQA), takes boolean and additive masks, gives 0 for a query row
+  whose keys are all masked (as our op does) and is exact to fp32 rounding, so no contrib op
+  or hand-written MatMul/Softmax chain is needed. Two adapters: its `is_causal` aligns the
+  diagonal to the past cache (top-left without one), ours bottom-right, so the flag is set only
+  when Lq == Lk is known at export time and otherwise the bottom-right mask is built from the
+  runtime sizes and combined with the mask; and ORT wants the mask's query dim spelled out, so a
+  mask that broadcasts over queries is expanded to [..., Lq, Lk].
+- `attnopt::softmax` -> `Softmax` over the one axis, with its pre-ops as Mul / Add / Where and
+  the fp32 upcast and cast back as Casts, in the order `reference.softmax` applies them.
+- `attnopt::w4a16_linear` -> ORT's `com.microsoft::MatMulNBits` (bits=4). Our packed weight
+  `[N, Kp/2]` is its `B` reshaped to `[N, Kp/g, g/2]`; scales flatten. ORT takes the zero
+  points either packed as uint8 or in the scales' dtype; both are exact, but only uint8 reaches
+  MLAS's int4 kernels (0.8 ms against 13 ms for a 2048² layer at M=1), so our integer-valued
+  float zeros are packed two per byte, low nibble first. `K` is the unpadded in_features: the
+  padding columns of B are never read. `accuracy_level` stays unset (fp32 arithmetic):
+  level 4 quantizes activations to int8, faster, ~0.5% off. The reshapes and the packing read
+  only initializers; `optimize` folds them into initializers of their own, which ORT prepacks.
+"""
+
+from __future__ import annotations
+
+import math
+
+import onnxscript
+import onnxscript.optimizer
+import torch
+from onnx.defs import OpSchema
+from onnxscript import ir
+from onnxscript import opset23 as op
+from onnxscript.onnx_types import TensorType as Tensor
+
+from attnopt.backends import ops  # noqa: F401  (registers torch.ops.attnopt.*)
+
+OPSET = 23
+
+
+def _matmul_nbits() -> onnxscript.values.Op:
+    """ORT's contrib op, which onnx's schema registry does not know: its schema, as ORT's
+    ContribOperators.md documents it, so that ONNX Script can record calls to it."""
+    param, optional = OpSchema.FormalParameter, OpSchema.FormalParameterOption.Optional
+    schema = OpSchema(
+        "MatMulNBits", "com.microsoft", 1,
+        inputs=[param("A", "T1"), param("B", "T2"), param("scales", "T1"),
+                param("zero_points", "T3", param_option=optional),
+                param("g_idx", "T4", param_option=optional),
+                param("bias", "T1", param_option=optional)],
+        outputs=[param("Y", "T1")],
+        type_constraints=[
+            ("T1", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], "activations"),
+            ("T2", ["tensor(uint8)"], "packed weight"),
+            ("T3", ["tensor(uint8)", "tensor(float)", "tensor(float16)", "tensor(bfloat16)"],
+             "zero points"),
+            ("T4", ["tensor(int32)"], "group index")],
+        attributes=[OpSchema.Attribute(name, OpSchema.AttrType.INT)
+                    for name in ("K", "N", "bits", "block_size")]
+        + [OpSchema.Attribute("accuracy_level", OpSchema.AttrType.INT, required=False)])
+    return onnxscript.values.Op(onnxscript.values.Opset("com.microsoft", 1), "MatMulNBits",
+                                schema)
+
+
+MATMUL_NBITS = _matmul_nbits()
+
+
+def _compute_type(dtype: ir.DataType) -> ir.DataType:
+    """`reference.compute_dtype` for ONNX types: fp32, or fp64 for fp64."""
+    return ir.DataType.DOUBLE if dtype == ir.DataType.DOUBLE else ir.DataType.FLOAT
+
+
+def _scalar(value: float, dtype: ir.DataType) -> Tensor:
+    return op.Constant(value=ir.tensor(value, dtype=dtype))
+
+
+def _ints(*values: int) -> Tensor:
+    return op.Constant(value_ints=list(values))
+
+
+def _cast(x: Tensor, dtype: ir.DataType) -> Tensor:
+    """x in `dtype`; x must be an input of the translation (values made in it have no dtype
+    until ONNX shape inference runs)."""
+    return x if x.dtype == dtype else op.Cast(x, to=dtype)
+
+
+def _static(dim: int | ir.SymbolicDim) -> int | None:
+    """A dim's size if it is fixed. torch.export can leave a size it specialised as a symbol
+    named by its value (SymbolicDim('64')), which counts as fixed too."""
+    if isinstance(dim, int):
+        return dim
+    return int(dim.value) if isinstance(dim.value, str) and dim.value.isdigit() else None
+
+
+def _known_equal(a: int | ir.SymbolicDim, b: int | ir.SymbolicDim) -> bool:
+    """Two dims equal whatever the inputs: the same size, or the same named symbolic size."""
+    if _static(a) is not None or _static(b) is not None:
+        return _static(a) == _static(b)
+    return a == b and a.value is not None
+
+
+# --- softmax ---------------------------------------------------------------------------------
+
+
+def softmax(x: Tensor, dim: int, scale: float, bias: Tensor | None, mask: Tensor | None,
+            fill: float, keep_mask: bool = False, safe: bool = False,
+            dtype: int | None = None, impl: str = "auto") -> Tensor:
+    """softmax(where(mask, fill, x * scale + bias), dim) computed in fp32 (`reference.softmax`).
+    `dtype` arrives as an ONNX type number; None or -1 means x's type."""
+    compute = _compute_type(x.dtype)
+    s = _cast(x, compute)
+    if scale != 1.0:
+        s = op.Mul(s, _scalar(scale, compute))
+    if bias is not None:
+        s = op.Add(s, _cast(bias, compute))
+    if mask is not None:
+        s = op.Where(op.Not(mask) if keep_mask else mask, _scalar(fill, compute), s)
+    y = op.Softmax(s, axis=dim)
+    if safe:  # rows whose scores are all -inf give 0 (aten._safe_softmax), not NaN
+        row_max = op.ReduceMax(s, _ints(dim), keepdims=1)
+        y = op.Where(op.Equal(row_max, _scalar(-math.inf, compute)), _scalar(0.0, compute), y)
+    out = x.dtype if dtype is None or dtype == -1 else ir.DataType(dtype)
+    return y if out == compute else op.Cast(y, to=out)
+
+
+# --- attention -------------------------------------------------------------------------------
+
+
+def _length(x: Tensor) -> Tensor:
+    """x.shape[2] (the sequence length of [B, H, L, D]) as a scalar, read at run time."""
+    return op.Squeeze(op.Shape(x, start=2, end=3))
+
+
+def _bottom_right_causal(q: Tensor, k: Tensor) -> Tensor:
+    """[Lq, Lk] boolean: query i may attend key j iff j <= i + (Lk - Lq)."""
+    lq, lk = _length(q), _length(k)
+    zero, one = op.Constant(value_int=0), op.Constant(value_int=1)
+    rows = op.Add(op.Range(zero, lq, one), op.Sub(lk, lq))
+    cols = op.Range(zero, lk, one)
+    return op.LessOrEqual(op.Unsqueeze(cols, _ints(0)), op.Unsqueeze(rows, _ints(1)))
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool,
+              scale: float, impl: str = "auto") -> Tensor:
+    """softmax(q @ kᵀ * scale + mask) @ v with GQA, bottom-right causal (`reference.attention`)."""
+    # Values made here have no dtype or shape until ONNX shape inference: read the inputs'.
+    boolean = mask is not None and mask.dtype == ir.DataType.BOOL
+    if mask is not None:
+        rank = len(mask.shape)
+        needs_rows = rank < 2 or not _known_equal(mask.shape[-2], q.shape[2])
+        if not boolean:
+            mask = _cast(mask, q.dtype)  # ORT adds a float mask in the inputs' type
+        if needs_rows:  # Expand to [1, ..., Lq, Lk]: the leading dims broadcast as they were
+            lengths = [op.Shape(q, start=2, end=3), op.Shape(k, start=2, end=3)]
+            ones = [_ints(*[1] * (rank - 2))] if rank > 2 else []
+            mask = op.Expand(mask, op.Concat(*ones, *lengths, axis=0))
+    square = _known_equal(q.shape[2], k.shape[2])
+    if is_causal and not square:
+        keep = _bottom_right_causal(q, k)
+        if mask is None:
+            mask = keep
+        elif boolean:
+            mask = op.And(mask, keep)
+        else:
+            mask = op.Where(keep, mask, _scalar(-math.inf, q.dtype))
+    # Attention also has optional outputs (present K/V, the scores); `optimize` drops them.
+    return op.Attention(q, k, v, mask, is_causal=int(is_causal and square), scale=scale)[0]
+
+
+# --- w4a16 linear ----------------------------------------------------------------------------
+
+
+def _packed_zero_points(zeros: Tensor, blocks: int) -> Tensor:
+    """[N, blocks] integer-valued floats -> [N * ceil(blocks / 2)] uint8, the even block in the
+    low nibble, each row padded to whole bytes (MatMulNBits' zero_points layout)."""
+    z = op.Cast(zeros, to=ir.DataType.UINT8)
+    if blocks % 2:
+        z = op.Pad(z, _ints(0, 0, 0, 1))
+    low = op.Slice(z, _ints(0), _ints(blocks + 1), _ints(1), _ints(2))
+    high = op.Slice(z, _ints(1), _ints(blocks + 1), _ints(1), _ints(2))
+    four = op.Constant(value=ir.tensor(4, dtype=ir.DataType.UINT8))
+    return op.Reshape(op.BitwiseOr(low, op.BitShift(high, four, direction="LEFT")), _ints(-1))
+
+
+def w4a16_linear(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, bias: Tensor | None,
+                 group_size: int, impl: str = "auto") -> Tensor:
+    """x @ Wᵀ + bias with W the packed int4 weight of `backends/int4.py`."""
+    n, half_kp = (int(d) for d in qweight.shape)
+    k = _static(x.shape[-1])
+    if k is None:
+        raise ValueError(f"attnopt ONNX export: a w4a16 linear's input has {x.shape[-1]} "
+                         "features, a size known only at run time; MatMulNBits needs it fixed. "
+                         "Export with example inputs that fix the model's hidden size")
+    blocks = half_kp * 2 // group_size
+    b = op.Reshape(qweight, _ints(n, blocks, group_size // 2))
+    s = op.Reshape(_cast(scales, x.dtype), _ints(-1))
+    inputs = [x, b, s, _packed_zero_points(zeros, blocks)]
+    if bias is not None:
+        inputs += [None, _cast(bias, x.dtype)]  # no g_idx
+    return MATMUL_NBITS(*inputs, K=k, N=n, bits=4, block_size=group_size)
+
+
+TRANSLATIONS = {
+    torch.ops.attnopt.softmax.default: softmax,
+    torch.ops.attnopt.attention.default: attention,
+    torch.ops.attnopt.w4a16_linear.default: w4a16_linear,
+}
+
+
+def optimize(model: ir.Model) -> None:
+    """onnxscript's optimizer (constant folding, dead code, unused optional outputs), with the
+    constant subgraphs that lay out MatMulNBits' weights always folded: under its default size
+    limit real layers would stay Reshape/Cast/BitShift chains, which ORT cannot prepack."""
+    layout: set[ir.Node] = set()
+    stack = [v.producer() for node in model.graph if node.op_type == "MatMulNBits"
+             for v in node.inputs[1:] if v is not None]
+    while stack:
+        node = stack.pop()
+        if node is not None and node not in layout:
+            layout.add(node)
+            stack += [v.producer() for v in node.inputs if v is not None]
+    onnxscript.optimizer.optimize_ir(
+        model, should_fold=lambda node: True if node in layout else None)

@@ -1,0 +1,213 @@
+"""MODEL as the commands take it: a transformers model directory, or `package.module:factory`.
+
+A directory holds config.json and safetensors weights (what `save_pretrained` writes) and is
+loaded offline (`local_files_only=True`) in float32, with the class its config names. Its
+example inputs come from its tokenizer when it has one (a fixed batch of two sentences), else
+random token ids; inputs for `--verify` are a different batch, of another size and length, so
+the exported dynamic dims are exercised too.
+
+A factory is a callable, importable from the current directory or the environment, returning
+`(model, example_inputs)` with the inputs a tuple of positional arguments, a dict of keyword
+arguments or a single tensor. `--verify` reuses those inputs.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from attnopt.commands import UsageError, describe
+
+EXAMPLE_TEXTS = ["attnopt rewrites attention into fused kernels.",
+                 "An example input, a little longer than the first one."]
+VERIFY_TEXTS = ["A different batch checks the exported model.",
+                "It has three sentences.",
+                "The longest of them makes the batch longer than the example batch was."]
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.txt")
+FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    args: tuple  # example inputs: positional ...
+    kwargs: dict[str, Any]  # ... and keyword
+    verify_args: tuple  # inputs for --verify
+    verify_kwargs: dict[str, Any]
+    description: str
+    directory: Path | None = None  # the model directory, if MODEL is one
+    tokenizer: Any = None
+
+    def calibration(self, texts: list[str]) -> list[dict[str, torch.Tensor]]:
+        """AWQ calibration inputs: each text tokenized on its own (one sentence per model call,
+        at most 512 tokens)."""
+        if self.tokenizer is None:
+            raise UsageError(
+                f"--calib needs a tokenizer to turn text into model inputs, and "
+                f"{self.description} has none. Use a model directory with tokenizer files, or "
+                "quantize from Python: attnopt.quantize_model(model, method='awq', "
+                "calibration=[inputs, ...])")
+        return [dict(self.tokenizer(text, return_tensors="pt", truncation=True, max_length=512))
+                for text in texts]
+
+
+def calibration_texts(path: Path) -> list[str]:
+    """The non-empty lines of the --calib file."""
+    if not path.is_file():
+        raise UsageError(f"--calib file {path} does not exist (or is not a file): give a text "
+                         "file with one calibration text per line")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UsageError(f"--calib file {path} is not UTF-8 text: give a text file with one "
+                         "calibration text per line") from None
+    texts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not texts:
+        raise UsageError(f"--calib file {path} has no text: give one calibration sentence or "
+                         "paragraph per line (a few dozen is enough)")
+    return texts
+
+
+def load(spec: str) -> LoadedModel:
+    path = Path(spec)
+    if path.exists():
+        return _from_directory(path)
+    if FACTORY.match(spec):
+        return _from_factory(spec)
+    raise UsageError(
+        f"MODEL {spec!r} is neither an existing directory nor a factory. Give a transformers "
+        "model directory (config.json + safetensors weights, as save_pretrained writes them) "
+        "or package.module:function, a callable returning (model, example_inputs)")
+
+
+def _from_directory(path: Path) -> LoadedModel:
+    if not path.is_dir():
+        raise UsageError(f"MODEL {path} is a file; give the model's directory (the one holding "
+                         "config.json and the safetensors weights)")
+    if not (path / "config.json").is_file():
+        raise UsageError(f"MODEL directory {path} has no config.json: attnopt reads transformers "
+                         "model directories as save_pretrained writes them")
+    if not any(path.glob("*.safetensors")):
+        raise UsageError(f"MODEL directory {path} has no .safetensors weights (pytorch_model.bin "
+                         "is not read: it is a pickle). Re-save the model with "
+                         "save_pretrained(directory), which writes safetensors")
+    import transformers
+
+    # Weight-loading progress bars and config notices are noise on a command's output.
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    try:
+        config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+        names = getattr(config, "architectures", None) or []
+        cls = getattr(transformers, names[0], None) if names else None
+        cls = cls or transformers.AutoModel
+        model = cls.from_pretrained(path, local_files_only=True, dtype=torch.float32).eval()
+    except (OSError, ValueError, KeyError) as e:
+        raise UsageError(f"MODEL directory {path} could not be loaded by transformers "
+                         f"({describe(e)}). Check that it was written by "
+                         "save_pretrained with this transformers version") from None
+    tokenizer = _tokenizer(path)
+    params = sum(p.numel() for p in model.parameters())
+    description = f"{type(model).__name__} from {path} ({params / 1e6:.1f}M parameters)"
+    if tokenizer is not None:
+        kwargs, verify = (_tokenize(tokenizer, texts) for texts in (EXAMPLE_TEXTS, VERIFY_TEXTS))
+    else:
+        kwargs, verify = _random_tokens(model, description, 2, 16), _random_tokens(
+            model, description, 3, 11, seed=1)
+    if "use_cache" in inspect.signature(model.forward).parameters:
+        kwargs["use_cache"] = verify["use_cache"] = False  # no KV cache object in the outputs
+    return LoadedModel(model, (), kwargs, (), verify, description, path, tokenizer)
+
+
+def _tokenizer(path: Path) -> Any:
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        return None
+    import transformers
+
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError) as e:
+        raise UsageError(f"MODEL directory {path} has tokenizer files that transformers could "
+                         f"not load ({describe(e)}). Remove them to use "
+                         "random token ids, or fix them") from None
+    if tokenizer.pad_token is None:  # decoder tokenizers often have none; batches need one
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    tokenizer.padding_side = "right"  # no query row is masked everywhere
+    return tokenizer
+
+
+def _tokenize(tokenizer: Any, texts: list[str]) -> dict[str, Any]:
+    return dict(tokenizer(texts, padding=True, return_tensors="pt"))
+
+
+def _random_tokens(model: nn.Module, description: str, batch: int, length: int,
+                   seed: int = 0) -> dict[str, Any]:
+    """Token ids of the vocabulary's size and a mask with the last row right-padded."""
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    accepted = inspect.signature(model.forward).parameters
+    if not vocab or "input_ids" not in accepted:
+        raise UsageError(
+            f"{description} has no tokenizer and does not take input_ids, so attnopt cannot "
+            "make example inputs for it. Use package.module:function returning (model, "
+            "example_inputs) instead")
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (batch, length), generator=generator)
+    inputs: dict[str, Any] = {"input_ids": ids}
+    if "attention_mask" in accepted:
+        mask = torch.ones_like(ids)
+        mask[-1, length * 2 // 3:] = 0
+        inputs["attention_mask"] = mask
+    return inputs
+
+
+def _from_factory(spec: str) -> LoadedModel:
+    module_name, _, attribute = spec.partition(":")
+    if "" not in sys.path and "." not in sys.path:
+        sys.path.insert(0, "")  # as `python -m` does: modules in the current directory
+    try:
+        target: Any = importlib.import_module(module_name)
+    except ImportError as e:
+        raise UsageError(f"MODEL {spec}: module {module_name!r} cannot be imported ({e}). It "
+                         "must be importable from the current directory or the environment"
+                         ) from None
+    for part in attribute.split("."):
+        if not hasattr(target, part):
+            raise UsageError(f"MODEL {spec}: {module_name} has no attribute {attribute!r}")
+        target = getattr(target, part)
+    if not callable(target):
+        raise UsageError(f"MODEL {spec}: {attribute} is a {type(target).__name__}, not a "
+                         "callable returning (model, example_inputs)")
+    made = target()
+    if not (isinstance(made, tuple) and len(made) == 2 and isinstance(made[0], nn.Module)):
+        raise UsageError(f"MODEL {spec}: the factory returned {_kind(made)}; it must return "
+                         "a pair (model, example_inputs), model an nn.Module")
+    model, inputs = made
+    if isinstance(inputs, dict):
+        args, kwargs = (), dict(inputs)
+    elif isinstance(inputs, tuple | list):
+        args, kwargs = tuple(inputs), {}
+    elif isinstance(inputs, torch.Tensor):
+        args, kwargs = (inputs,), {}
+    else:
+        raise UsageError(f"MODEL {spec}: the example inputs are a {type(inputs).__name__}; give "
+                         "a tuple of positional arguments, a dict of keyword arguments or a "
+                         "tensor")
+    model.eval()
+    params = sum(p.numel() for p in model.parameters())
+    description = f"{type(model).__name__} from {spec} ({params / 1e6:.1f}M parameters)"
+    return LoadedModel(model, args, kwargs, args, kwargs, description)
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, tuple):
+        return f"a tuple of {len(value)} ({', '.join(type(v).__name__ for v in value)})"
+    return f"a value of type {type(value).__name__}"
+
