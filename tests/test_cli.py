@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from attnopt.commands import models
 from attnopt.compiler import verify
 from attnopt.compiler.cli import main
 
@@ -143,8 +144,6 @@ def bad_inputs(t, llama_dir):
                                   "directory " + str(t / "a") + " does not exist"),
         "group size without quantize": (["export", llama_dir, "-o", t / "m.onnx",
                                          "--group-size", "32"], "add --quantize w4a16"),
-        "awq without calib": (["quantize", llama_dir, "-o", t / "q", "--method", "awq"],
-                              "--method awq needs calibration text: pass --calib FILE"),
         "calib without awq": (["quantize", llama_dir, "-o", t / "q", "--calib", t / "file.txt"],
                               "--calib is read by --method awq only"),
         "calib file missing": (["quantize", llama_dir, "-o", t / "q", "--method", "awq",
@@ -233,6 +232,92 @@ def test_quantize_mistral_mqa_checkpoint_and_onnx(capsys, tmp_path):
     ids = torch.randint(0, 128, (2, 9))
     with torch.no_grad():
         assert model(input_ids=ids).logits.isfinite().all()
+
+
+@pytest.mark.slow
+def test_quantize_awq_without_calib_calibrates_on_random_tokens(capsys, tmp_path, llama_dir):
+    from attnopt import load_quantized
+
+    out = tmp_path / "llama-awq"
+    status, text, err = run(capsys, "quantize", llama_dir, "-o", out, "--method", "awq",
+                            "--group-size", "32")
+    assert status == 0, text + err
+    # 64 tokens, not 128: the tiny Llama's max_position_embeddings caps the sequences.
+    assert ("AWQ, groups of 32, calibrated on 8 random-token batches of 64 tokens because no "
+            "--calib was given (real text calibrates better)") in " ".join(text.split())
+    written = json.loads((out / "quantization_config.json").read_text())
+    assert written["method"] == "awq" and written["shared_input_scale"]  # AWQ scaled groups
+    config = transformers.AutoConfig.from_pretrained(out)
+    model = load_quantized(transformers.LlamaForCausalLM(config).eval(), out)
+    with torch.no_grad():
+        assert model(input_ids=torch.randint(0, 128, (2, 9))).logits.isfinite().all()
+    assert not leftovers(tmp_path)
+
+
+def test_random_calibration_is_reproducible_and_avoids_special_ids(llama_dir):
+    loaded = models.load(str(llama_dir))
+    first, again, other = (
+        torch.cat([batch["input_ids"] for batch in loaded.random_calibration(seed=s).inputs])
+        for s in (0, 0, 1))
+    assert first.shape == (8, 64)  # one sequence per batch, capped at max_position_embeddings
+    assert torch.equal(first, again) and not torch.equal(first, other)
+    assert first.min() >= 0 and first.max() < 128
+    assert not torch.isin(first, torch.tensor([1, 2])).any()  # the config's BOS and EOS
+    batch = loaded.random_calibration().inputs[0]
+    assert set(batch) == {"input_ids", "attention_mask"} and batch["attention_mask"].all()
+
+
+@pytest.mark.slow
+def test_random_calibration_is_framed_as_the_tokenizer_frames_text(minilm_dir):
+    loaded = models.load(str(minilm_dir))
+    tokenizer = loaded.tokenizer
+    made = loaded.random_calibration(batches=2)
+    assert made.what == "2 random-token batches of 128 tokens" and len(made.inputs) == 2
+    batch = made.inputs[0]
+    assert set(batch) == set(tokenizer("a text"))  # token_type_ids too, as for text
+    ids = batch["input_ids"][0]
+    assert ids.shape == (128,) and ids[0] == tokenizer.cls_token_id
+    assert ids[-1] == tokenizer.sep_token_id
+    assert not torch.isin(ids[1:-1], torch.tensor(tokenizer.all_special_ids)).any()
+    assert batch["attention_mask"].all() and not batch["token_type_ids"].any()
+
+
+def test_factory_calibration_randomises_token_ids_only():
+    common = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                  num_attention_heads=4, max_position_embeddings=64)
+    llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common))
+    ids = torch.randint(3, 128, (2, 16))
+    mask = torch.ones_like(ids)
+    mask[1, 10:] = 0
+    loaded = models.LoadedModel(llama, (), {"input_ids": ids, "attention_mask": mask}, (),
+                                {}, "a factory's Llama")
+    made = loaded.random_calibration()
+    assert made.what == "8 random-token batches of 2x16 tokens" and len(made.inputs) == 8
+    for batch in made.inputs:
+        assert batch["input_ids"].shape == ids.shape and batch["attention_mask"] is mask
+        assert not torch.isin(batch["input_ids"], torch.tensor([1, 2])).any()
+    x = torch.randn(4, 64)
+    features = models.LoadedModel(torch.nn.Linear(64, 64), (x,), {}, (x,), {}, "a Linear")
+    assert features.random_calibration().inputs == [(x,)]
+
+
+def test_quantize_awq_factory_without_calib_calibrates_on_its_example_inputs(
+        capsys, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "mlp_factory.py").write_text(
+        "import torch\n"
+        "def build():\n"
+        "    torch.manual_seed(0)\n"
+        "    mlp = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(),\n"
+        "                              torch.nn.Linear(128, 64))\n"
+        "    return mlp, torch.randn(8, 64)\n")
+    status, text, err = run(capsys, "quantize", "mlp_factory:build", "-o", tmp_path / "q",
+                            "--method", "awq", "--group-size", "32")
+    assert status == 0, text + err
+    assert ("calibrated on the factory's example inputs because no --calib was given (real "
+            "data calibrates better)") in " ".join(text.split())
+    assert (tmp_path / "q" / "model.safetensors").is_file()
 
 
 @pytest.mark.slow

@@ -9,6 +9,9 @@ the exported dynamic dims are exercised too.
 A factory is a callable, importable from the current directory or the environment, returning
 `(model, example_inputs)` with the inputs a tuple of positional arguments, a dict of keyword
 arguments or a single tensor. `--verify` reuses those inputs.
+
+AWQ calibrates on text tokenized with the model's tokenizer (`LoadedModel.calibration`) or, when
+no text is given, on random token ids (`LoadedModel.random_calibration`).
 """
 
 from __future__ import annotations
@@ -33,6 +36,23 @@ VERIFY_TEXTS = ["A different batch checks the exported model.",
                 "The longest of them makes the batch longer than the example batch was."]
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.txt")
 FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+# Random-token calibration when no text is given: 8 sequences of 128 tokens are 1024 rows per
+# linear input, twice the rows the AWQ search keeps (awq.MAX_ROWS), in a few model calls.
+CALIBRATION_BATCHES = 8
+CALIBRATION_LENGTH = 128
+# Config fields naming special tokens: never drawn as random text (a random [PAD] or [SEP] mid-
+# sequence is nothing real text has).
+SPECIAL_TOKEN_IDS = ("pad_token_id", "bos_token_id", "eos_token_id", "unk_token_id",
+                     "sep_token_id", "cls_token_id", "mask_token_id")
+
+
+@dataclass
+class Calibration:
+    """AWQ calibration inputs made without calibration text, and what to say about them."""
+
+    inputs: list[Any]  # model inputs, each a dict of keyword arguments or a tuple of positional
+    what: str  # "8 random-token batches of 128 tokens"
+    better: str  # what would calibrate better: "real text"
 
 
 @dataclass
@@ -57,6 +77,66 @@ class LoadedModel:
                 "calibration=[inputs, ...])")
         return [dict(self.tokenizer(text, return_tensors="pt", truncation=True, max_length=512))
                 for text in texts]
+
+    def random_calibration(self, batches: int = CALIBRATION_BATCHES,
+                           length: int = CALIBRATION_LENGTH, seed: int = 0) -> Calibration:
+        """AWQ calibration inputs when no text is given: random token ids, the same ones for the
+        same seed, uniform over the vocabulary less its special tokens.
+
+        A model directory gets `batches` single sequences of `length` tokens (at most its
+        max_position_embeddings), one per model call as `calibration` makes them, framed by the
+        special tokens its tokenizer puts around a text and with the same inputs beside them.
+        A factory whose example inputs are token ids (`input_ids`, or a first positional integer
+        tensor, of a model whose config gives vocab_size) gets `batches` random copies of them,
+        its other inputs as given. Any other factory's inputs mean nothing attnopt could
+        randomise, so its example inputs are the one calibration batch.
+        """
+        generator = torch.Generator().manual_seed(seed)
+        if self.directory is not None:
+            return self._random_sequences(batches, length, generator)
+        config = getattr(self.model, "config", None)
+        vocab = getattr(config, "vocab_size", None)
+        ids = self.kwargs.get("input_ids", self.args[0] if self.args else None)
+        if not (vocab and isinstance(ids, torch.Tensor)
+                and ids.dtype in (torch.int32, torch.int64)):
+            return Calibration([self.kwargs or self.args], "the factory's example inputs",
+                               "real data")
+        special = _special_ids(config, None)
+        inputs: list[Any] = []
+        for _ in range(batches):
+            new = _draw(vocab, special, tuple(ids.shape), generator).to(ids)
+            inputs.append({**self.kwargs, "input_ids": new} if "input_ids" in self.kwargs
+                          else (new, *self.args[1:]))
+        return Calibration(inputs, f"{batches} random-token batches of {_size(ids)} tokens",
+                           "real text")
+
+    def _random_sequences(self, batches: int, length: int,
+                          generator: torch.Generator) -> Calibration:
+        config, tokenizer = self.model.config, self.tokenizer
+        # Ids past the tokenizer's vocabulary (embeddings padded to a round size) never occur
+        # in text: their rows were never trained.
+        sizes = [getattr(config, "vocab_size", None)]
+        if tokenizer is not None:
+            sizes.append(len(tokenizer))
+        vocab = min(n for n in sizes if n)
+        length = min(length, getattr(config, "max_position_embeddings", None) or length)
+        head, tail = _frame(tokenizer) if tokenizer is not None else ([], [])
+        body = _draw(vocab, _special_ids(config, tokenizer),
+                     (batches, length - len(head) - len(tail)), generator)
+        # The inputs the tokenizer returns beside the ids; without one, those forward takes.
+        names = (set(tokenizer.model_input_names) if tokenizer is not None
+                 else set(inspect.signature(self.model.forward).parameters))
+        inputs: list[Any] = []
+        for row in body:
+            ids = torch.cat((row.new_tensor(head), row, row.new_tensor(tail)))[None]
+            batch = {"input_ids": ids}
+            if "attention_mask" in names:
+                batch["attention_mask"] = torch.ones_like(ids)
+            if "token_type_ids" in names:
+                batch["token_type_ids"] = torch.zeros_like(ids)  # one text: one segment
+            inputs.append(batch)
+        return Calibration(inputs, f"{batches} random-token batches of {length} tokens",
+                           "real text")
 
 
 def calibration_texts(path: Path) -> list[str]:
@@ -166,6 +246,40 @@ def _random_tokens(model: nn.Module, description: str, batch: int, length: int,
         mask[-1, length * 2 // 3:] = 0
         inputs["attention_mask"] = mask
     return inputs
+
+
+def _special_ids(config: Any, tokenizer: Any) -> set[int]:
+    """The special token ids the tokenizer and the config name (an id, a list of ids or None)."""
+    special = set(tokenizer.all_special_ids) if tokenizer is not None else set()
+    for name in SPECIAL_TOKEN_IDS:
+        value = getattr(config, name, None)
+        special.update(v for v in (value if isinstance(value, list | tuple) else [value])
+                       if isinstance(v, int))
+    return special
+
+
+def _draw(vocab: int, special: set[int], shape: tuple[int, ...],
+          generator: torch.Generator) -> torch.Tensor:
+    """Token ids uniform over range(vocab) less `special`."""
+    allowed = torch.ones(vocab, dtype=torch.bool)
+    allowed[[i for i in special if 0 <= i < vocab]] = False
+    pool = allowed.nonzero().squeeze(1)
+    return pool[torch.randint(len(pool), shape, generator=generator)]
+
+
+def _frame(tokenizer: Any) -> tuple[list[int], list[int]]:
+    """The special tokens the tokenizer puts before and after every text ([CLS] … [SEP],
+    <s> …): real text calibrates with them, and a decoder's first token is where its largest
+    activations are. Those of the empty text, a leading BOS or CLS before, the rest after."""
+    ids = list(tokenizer("")["input_ids"])
+    lead = 1 if ids and ids[0] in (tokenizer.bos_token_id, tokenizer.cls_token_id) else 0
+    return ids[:lead], ids[lead:]
+
+
+def _size(ids: torch.Tensor) -> str:
+    """A batch of token ids as the command says it: "16" for one sequence, "2x16" for two."""
+    dims = list(ids.shape)
+    return "x".join(map(str, dims[1:] if len(dims) > 1 and dims[0] == 1 else dims))
 
 
 def _from_factory(spec: str) -> LoadedModel:

@@ -8,6 +8,7 @@ import argparse
 import copy
 import shutil
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
@@ -33,18 +34,23 @@ def run(args: argparse.Namespace) -> int:
     check_target(out, args.force, what="-o directory")
     if args.verify and not args.onnx:
         raise UsageError("--verify runs the exported model in ONNX Runtime: add --onnx")
-    if args.method == "awq" and args.calib is None:
-        raise UsageError("--method awq needs calibration text: pass --calib FILE, a text file "
-                         "with one sentence or paragraph per line, or use --method rtn")
     if args.calib is not None and args.method != "awq":
         raise UsageError("--calib is read by --method awq only; add --method awq or drop --calib")
     opts = steps.options(args, quantize="w4a16", passes=list(ONNX_PASSES))
     texts = models.calibration_texts(Path(args.calib)) if args.calib else None
     loaded = models.load(args.model)
-    calibration = loaded.calibration(texts) if texts else None
-    console.print(f"[bold]attnopt quantize[/]: {escape(loaded.description)}, "
-                  f"{args.method.upper()}, groups of {args.group_size}"
-                  + (f", calibrated on {len(calibration)} texts" if calibration else ""))
+    header = (f"[bold]attnopt quantize[/]: {escape(loaded.description)}, "
+              f"{args.method.upper()}, groups of {args.group_size}")
+    calibration: list[Any] | None = None
+    if texts:
+        calibration = loaded.calibration(texts)
+        header += f", calibrated on {len(calibration)} texts"
+    elif args.method == "awq":
+        made = loaded.random_calibration()
+        calibration = made.inputs
+        header += (f", calibrated on {made.what} because no --calib was given "
+                   f"({made.better} calibrates better)")
+    console.print(header)
     float_model = copy.deepcopy(loaded.model) if args.verify else None
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("quantizing", total=None)

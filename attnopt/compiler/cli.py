@@ -103,6 +103,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
 def _add_quantize(sub: argparse._SubParsersAction) -> None:
     from attnopt.backends.int4 import GROUP_SIZES
+    from attnopt.commands.models import CALIBRATION_BATCHES, CALIBRATION_LENGTH
     from attnopt.quantization.model import METHODS
 
     q = _command(sub, "quantize", "quantize a model's linear layers to int4 once, offline",
@@ -117,11 +118,13 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
                    help=f"quantization group along K, one of {', '.join(map(str, GROUP_SIZES))} "
                    "(default 128; smaller is more accurate and larger)")
     q.add_argument("--method", choices=METHODS, default="rtn",
-                   help="rtn: round to nearest; awq: activation-aware scales, needs --calib "
-                   "(default rtn)")
+                   help="rtn: round to nearest; awq: activation-aware scales calibrated on "
+                   "--calib text, or on random token ids without it (default rtn)")
     q.add_argument("--calib", metavar="FILE",
                    help="AWQ calibration text, one sentence or paragraph per line (needs "
-                   "MODEL's tokenizer)")
+                   f"MODEL's tokenizer); without it AWQ calibrates on {CALIBRATION_BATCHES} "
+                   f"sequences of {CALIBRATION_LENGTH} random token ids, and real text "
+                   "calibrates better")
     _add_skip(q)
     q.add_argument("--onnx", action="store_true",
                    help="also export the quantized model to OUT/model.onnx")
