@@ -119,13 +119,14 @@ def test_int4_checkpoint_model_exports_to_matmulnbits(tmp_path):
 
 def test_op_without_translation_is_refused(tmp_path):
     needs_onnx()
-    class Experts(torch.nn.Module):
-        def forward(self, x, ids, weights, w_gate_up, w_down):
-            return torch.ops.attnopt.moe(x, ids, weights, w_gate_up, w_down)
+    class PagedDecode(torch.nn.Module):
+        def forward(self, q, k_pool, v_pool, block_table, seq_lens):
+            return torch.ops.attnopt.paged_attention(q, k_pool, v_pool, block_table, seq_lens,
+                                                     0.5)
 
-    inputs = (torch.randn(4, 8), torch.zeros(4, 1, dtype=torch.long), torch.ones(4, 1),
-              torch.randn(2, 12, 8), torch.randn(2, 8, 6))
-    with pytest.raises(ValueError, match=r"attnopt.moe.default has no ONNX translation yet; "
-                                         r"leave out the pass"):
-        attnopt.export_onnx(Experts(), tmp_path / "moe.onnx", inputs)
-    assert not (tmp_path / "moe.onnx").exists()
+    inputs = (torch.randn(1, 2, 1, 8), torch.randn(4, 4, 2, 8), torch.randn(4, 4, 2, 8),
+              torch.zeros(1, 4, dtype=torch.int32), torch.ones(1, dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"attnopt.paged_attention.default has no ONNX "
+                                         r"translation yet; leave out the pass"):
+        attnopt.export_onnx(PagedDecode(), tmp_path / "decode.onnx", inputs)
+    assert not (tmp_path / "decode.onnx").exists()

@@ -24,11 +24,32 @@ CPU provider against `backends/reference.py` by tests/backends/test_onnx.py):
   padding columns of B are never read. `accuracy_level` stays unset (fp32 arithmetic):
   level 4 quantizes activations to int8, faster, ~0.5% off. The reshapes and the packing read
   only initializers; `optimize` folds them into initializers of their own, which ORT prepacks.
+- `attnopt::moe` -> standard ops, one branch per expert (E is fixed at export): NonZero finds
+  the (token, slot) pairs routed to expert e, their tokens are gathered, the gated MLP runs as
+  two `Gemm`s on those rows only, and the weighted rows are scattered by pair into a [T·k, H]
+  buffer whose k rows per token are summed (`_routed_experts` says why by pair). ORT's
+  `com.microsoft::MoE` does not fit: it takes router logits and does its own softmax and
+  top-k, where our op is handed the chosen ids and weights (which need not sum to 1, and may
+  name one expert twice), and its CPU kernel gates only with SwiGLU (GEGLU is CUDA-only). A
+  dense form (every expert on every token, weighted by a [T, E] combine matrix) would be
+  fewer nodes but E/k times the FLOPs. Arithmetic as `reference.moe`: fp32 (fp64 for fp64),
+  16-bit weights cast to fp32 in the graph and the intermediate rounded to x's dtype. ORT
+  folds the per-expert slices (and casts) of initializer weights into initializers of their
+  own at session start, so no weight is copied at run time (about 15 nodes per expert).
+- `attnopt::moe_w4a16` -> the same graph with each expert matrix one `MatMulNBits` (2E of
+  them), laid out as for `w4a16_linear` and folded by `optimize`, so ORT's int4 kernels read
+  the packed weights; dequantizing in the graph instead (DequantizeLinear on blocked uint4, or
+  nibble arithmetic) would feed fp32 weights to MatMul, dequantized at every run or folded
+  into fp32 copies 8 times the size. `com.microsoft::QMoE` does not
+  fit for MoE's reasons, and needs H and I divisible by the block size where ours pads. The
+  activations and scales go in as fp32, as the reference dequantizes in fp32 (MatMulNBits
+  then computes exactly that); fp64 activations are refused (MatMulNBits has no fp64).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import onnxscript
 import onnxscript.optimizer
@@ -187,28 +208,155 @@ def _packed_zero_points(zeros: Tensor, blocks: int) -> Tensor:
     return op.Reshape(op.BitwiseOr(low, op.BitShift(high, four, direction="LEFT")), _ints(-1))
 
 
+def _in_features(x: Tensor, what: str) -> int:
+    """x's last dim, which MatMulNBits takes as an attribute (K), so it must be fixed."""
+    k = _static(x.shape[-1])
+    if k is None:
+        raise ValueError(f"attnopt ONNX export: {what} has {x.shape[-1]} features, a size known "
+                         "only at run time; MatMulNBits needs it fixed. Export with example "
+                         "inputs that fix the model's hidden size")
+    return k
+
+
+def _int4_matmul(a: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, n: int, k: int,
+                 half_kp: int, group_size: int, bias: Tensor | None = None) -> Tensor:
+    """a @ Wᵀ (+ bias) through MatMulNBits, W given by the 2-D tensors of `backends/int4.py`:
+    qweight [n, half_kp], zeros [n, blocks], scales [n, blocks] already in a's dtype. Their
+    shapes are passed in, as values made in a translation have none until shape inference."""
+    blocks = half_kp * 2 // group_size
+    b = op.Reshape(qweight, _ints(n, blocks, group_size // 2))
+    inputs = [a, b, op.Reshape(scales, _ints(-1)), _packed_zero_points(zeros, blocks)]
+    if bias is not None:
+        inputs += [None, bias]  # no g_idx
+    return MATMUL_NBITS(*inputs, K=k, N=n, bits=4, block_size=group_size)
+
+
 def w4a16_linear(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, bias: Tensor | None,
                  group_size: int, impl: str = "auto") -> Tensor:
     """x @ Wᵀ + bias with W the packed int4 weight of `backends/int4.py`."""
     n, half_kp = (int(d) for d in qweight.shape)
-    k = _static(x.shape[-1])
-    if k is None:
-        raise ValueError(f"attnopt ONNX export: a w4a16 linear's input has {x.shape[-1]} "
-                         "features, a size known only at run time; MatMulNBits needs it fixed. "
-                         "Export with example inputs that fix the model's hidden size")
-    blocks = half_kp * 2 // group_size
-    b = op.Reshape(qweight, _ints(n, blocks, group_size // 2))
-    s = op.Reshape(_cast(scales, x.dtype), _ints(-1))
-    inputs = [x, b, s, _packed_zero_points(zeros, blocks)]
-    if bias is not None:
-        inputs += [None, _cast(bias, x.dtype)]  # no g_idx
-    return MATMUL_NBITS(*inputs, K=k, N=n, bits=4, block_size=group_size)
+    k = _in_features(x, "a w4a16 linear's input")
+    return _int4_matmul(x, qweight, _cast(scales, x.dtype), zeros, n, k, half_kp, group_size,
+                        None if bias is None else _cast(bias, x.dtype))
+
+
+# --- mixture of experts ----------------------------------------------------------------------
+
+
+def _moe_activation(gate: Tensor, activation: str) -> Tensor:
+    """`reference.moe_activation`. Opset 23 has no SiLU op: gate · sigmoid(gate)."""
+    if activation == "silu":
+        return op.Mul(gate, op.Sigmoid(gate))
+    if activation in ("gelu", "gelu_tanh"):
+        return op.Gelu(gate, approximate="tanh" if activation == "gelu_tanh" else "none")
+    raise ValueError(f"attnopt ONNX export: moe activation {activation!r} has no translation")
+
+
+def _expert_dims(weight: Tensor) -> tuple[int, ...]:
+    """The sizes of a stacked expert weight [E, ...], which must be fixed: the translation emits
+    each expert's computation."""
+    dims = tuple(_static(d) for d in weight.shape)
+    if None in dims:
+        raise ValueError(f"attnopt ONNX export: a moe's expert weight is {weight.shape}, "
+                         "sizes known only at run time; the translation needs them fixed. "
+                         "Export with the weights as constants of the model")
+    return dims
+
+
+def _expert(stacked: Tensor, e: int) -> Tensor:
+    """stacked[e], one expert's matrix of an [E, ...] weight."""
+    return op.Gather(stacked, op.Constant(value_int=e), axis=0)
+
+
+Projection = Callable[[int, Tensor], Tensor]  # (e, rows) -> rows @ expert e's matrixᵀ
+
+
+def _routed_experts(x: Tensor, topk_ids: Tensor, topk_weights: Tensor, num_experts: int,
+                    inter: int, activation: str, gate_up: Projection, down: Projection
+                    ) -> Tensor:
+    """`reference._moe_experts` with its precision: `gate_up(e, a)` and `down(e, h)` apply
+    expert e's two matrices to rows in the compute dtype. Expert e runs on the (token, slot)
+    pairs routed to it only; its weighted rows go to those pairs' rows of a [T·k, H] buffer,
+    whose k rows per token are then summed. Scattering by pair rather than by token keeps the
+    indices distinct (a pair has one expert): ORT's CPU ScatterND applies its updates in
+    parallel and loses sums when indices repeat, reduction="add" or not. A pair whose id is
+    outside [0, E) matches no expert and adds 0 (the reference raises, which a graph cannot;
+    the Triton path drops such pairs too)."""
+    compute = _compute_type(x.dtype)
+    xc = _cast(x, compute)
+    weights = op.Reshape(_cast(topk_weights, compute), _ints(-1))
+    ids = op.Reshape(topk_ids, _ints(-1))  # pair p is token p // k, slot p % k
+    k = op.Shape(topk_ids, start=1, end=2)
+    pairs, rows = [], []
+    for e in range(num_experts):
+        routed = op.Equal(ids, op.Constant(value=ir.tensor(e, dtype=topk_ids.dtype)))
+        p = op.Reshape(op.NonZero(routed), _ints(-1))  # [n]; n may be 0
+        gu = gate_up(e, op.Gather(xc, op.Div(p, k), axis=0))
+        gate = op.Slice(gu, _ints(0), _ints(inter), _ints(1))
+        up = op.Slice(gu, _ints(inter), _ints(2 * inter), _ints(1))
+        h = op.Mul(_moe_activation(gate, activation), up)
+        if x.dtype != compute:  # the second GEMM's operand is rounded to x's dtype, as in eager
+            h = op.Cast(op.Cast(h, to=x.dtype), to=compute)
+        rows.append(op.Mul(down(e, h), op.Unsqueeze(op.Gather(weights, p), _ints(1))))
+        pairs.append(p)
+    per_pair_shape = op.Concat(op.Shape(ids), op.Shape(x, start=1), axis=0)
+    per_pair = op.ScatterND(
+        op.ConstantOfShape(per_pair_shape, value=ir.tensor([0.0], dtype=compute)),
+        op.Unsqueeze(op.Concat(*pairs, axis=0), _ints(1)), op.Concat(*rows, axis=0))
+    out = op.ReduceSum(op.Reshape(per_pair, op.Concat(op.Shape(topk_ids), op.Shape(x, start=1),
+                                                      axis=0)), _ints(1), keepdims=0)
+    return out if x.dtype == compute else op.Cast(out, to=x.dtype)
+
+
+def moe(x: Tensor, topk_ids: Tensor, topk_weights: Tensor, w_gate_up: Tensor, w_down: Tensor,
+        activation: str = "silu", impl: str = "auto") -> Tensor:
+    """The routed experts of `reference.moe`, expert by expert over the tokens routed to each."""
+    num_experts, two_inter, _ = _expert_dims(w_gate_up)
+    compute = _compute_type(x.dtype)
+    stacked_gate_up, stacked_down = _cast(w_gate_up, compute), _cast(w_down, compute)
+
+    def gate_up(e: int, a: Tensor) -> Tensor:
+        return op.Gemm(a, _expert(stacked_gate_up, e), transB=1)
+
+    def down(e: int, h: Tensor) -> Tensor:
+        return op.Gemm(h, _expert(stacked_down, e), transB=1)
+
+    return _routed_experts(x, topk_ids, topk_weights, num_experts, two_inter // 2, activation,
+                           gate_up, down)
+
+
+def moe_w4a16(x: Tensor, topk_ids: Tensor, topk_weights: Tensor, gate_up_qweight: Tensor,
+              gate_up_scales: Tensor, gate_up_zeros: Tensor, down_qweight: Tensor,
+              down_scales: Tensor, down_zeros: Tensor, group_size: int,
+              activation: str = "silu", impl: str = "auto") -> Tensor:
+    """`reference.moe_w4a16`: `moe` with one fp32 MatMulNBits per expert matrix."""
+    if x.dtype == ir.DataType.DOUBLE:
+        raise ValueError("attnopt ONNX export: moe_w4a16 on fp64 activations has no "
+                         "translation (MatMulNBits computes in fp32 at most)")
+    compute = ir.DataType.FLOAT
+    hidden = _in_features(x, "a w4a16 moe's input")
+    num_experts, two_inter, half_hp = _expert_dims(gate_up_qweight)
+    half_ip = _expert_dims(down_qweight)[2]
+    gate_up_scales, down_scales = _cast(gate_up_scales, compute), _cast(down_scales, compute)
+
+    def gate_up(e: int, a: Tensor) -> Tensor:
+        return _int4_matmul(a, _expert(gate_up_qweight, e), _expert(gate_up_scales, e),
+                            _expert(gate_up_zeros, e), two_inter, hidden, half_hp, group_size)
+
+    def down(e: int, h: Tensor) -> Tensor:
+        return _int4_matmul(h, _expert(down_qweight, e), _expert(down_scales, e),
+                            _expert(down_zeros, e), hidden, two_inter // 2, half_ip, group_size)
+
+    return _routed_experts(x, topk_ids, topk_weights, num_experts, two_inter // 2, activation,
+                           gate_up, down)
 
 
 TRANSLATIONS = {
     torch.ops.attnopt.softmax.default: softmax,
     torch.ops.attnopt.attention.default: attention,
     torch.ops.attnopt.w4a16_linear.default: w4a16_linear,
+    torch.ops.attnopt.moe.default: moe,
+    torch.ops.attnopt.moe_w4a16.default: moe_w4a16,
 }
 
 

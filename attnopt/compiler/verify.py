@@ -27,7 +27,8 @@ from attnopt.backends import ops  # noqa: F401  (registers torch.ops.attnopt.*)
 # Largest max|ONNX - reference| / max|reference| accepted, by output dtype.
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}
 ATTNOPT_OPS = (torch.ops.attnopt.softmax.default, torch.ops.attnopt.attention.default,
-               torch.ops.attnopt.w4a16_linear.default)
+               torch.ops.attnopt.w4a16_linear.default, torch.ops.attnopt.moe.default,
+               torch.ops.attnopt.moe_w4a16.default)
 
 
 @dataclass(frozen=True)
