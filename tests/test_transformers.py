@@ -65,6 +65,23 @@ def test_no_padding_mask_means_causal_flag_and_no_mask_tensor(impl):
     assert len(lines) == LAYERS and all(", None, True, " in line for line in lines)
 
 
+@pytest.mark.parametrize("name", ["llama", "mistral"])
+def test_dynamic_shapes_fold_repeat_kv_too(name):
+    # A second length makes Dynamo recompile with a dynamic sequence dim. That trace writes
+    # repeat_kv's sizes as SymInt nodes and keeps the `:` of x[:, :, None, :, :] as a full
+    # slice; K/V must still be read unrepeated, and the graph serves every later length.
+    model = build(name, "eager")
+    compiled = torch.compile(model, backend="attnopt", options={"inner": "eager"})
+    with torch.no_grad():
+        for length in (9, 12, 10):
+            batch = {k: v[:, :length].contiguous() for k, v in inputs().items()}
+            torch.testing.assert_close(compiled(**batch).logits, model(**batch).logits,
+                                       rtol=1e-4, atol=1e-4)
+    reports = attnopt.reports()
+    assert len(reports) == 2 and all(r.counts["attention"] == LAYERS for r in reports)
+    assert not [line for r in reports for line in repeated_kv_left(r)]
+
+
 @pytest.mark.parametrize("name", ["llama", "bert"])
 def test_bfloat16_eager_attention(name):
     model = build(name, "eager").to(torch.bfloat16)

@@ -74,18 +74,18 @@ def trace(node: fx.Node, stop: dict[fx.Node, Layout]) -> Layout | None:
     return layout
 
 
-def _value(a: object) -> object:
+def value(a: object) -> object:
     """Shape arguments may be nodes (a SymInt computed in the graph): their traced value."""
     if isinstance(a, fx.Node):
         return a.meta.get("val")
     if isinstance(a, list | tuple):
-        return [_value(x) for x in a]
+        return [value(x) for x in a]
     return a
 
 
 def _apply(op: fx.Node, layout: Layout) -> Layout | None:
     axes, t = list(layout.axes), op.target
-    op_args = [_value(a) for a in op.args]
+    op_args = [value(a) for a in op.args]
     rank = len(axes)
     if t in _SAME:
         return layout

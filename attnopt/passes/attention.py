@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import math
 import operator
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -69,14 +70,21 @@ aten = torch.ops.aten
 
 def repeat_kv(name: str) -> Call:
     """transformers' repeat_kv: x[:, :, None].expand(B, Hkv, n_rep, L, D).reshape(B, Hkv*n_rep,
-    L, D), a copy of K or V per query head. Matched so the kernel reads x itself."""
+    L, D), a copy of K or V per query head. Matched so the kernel reads x itself. Sizes may be
+    symbolic (nodes), and a dynamic-shape trace keeps the `:` of `x[:, :, None, :, :]` as a
+    slice over everything."""
     x = Capture(name, where=is_tensor_node())
-    expanded = Call(aten.expand.default, Call(aten.unsqueeze.default, x, 2),
-                    Literal(f"{name}_expand"))
+    unsqueezed = Call(aten.unsqueeze.default, x, 2)
+    unsqueezed = Call(aten.slice.Tensor, unsqueezed, 3, 0, Literal(where=_to_the_end)) | unsqueezed
+    expanded = Call(aten.expand.default, unsqueezed, Capture(f"{name}_expand"))
     # With one KV head the reshape is a view of the expand (stride 0), so there is no clone.
     copied = Call(aten.clone.default, expanded, memory_format=ANY) | expanded
     return Call((aten._unsafe_view.default, aten.view.default, aten.reshape.default), copied,
-                Literal(f"{name}_repeated_shape"))
+                Capture(f"{name}_repeated_shape"))
+
+
+def _to_the_end(end: object) -> bool:
+    return end is None or end == sys.maxsize
 
 
 q = Capture("q", where=is_tensor_node())
@@ -118,12 +126,14 @@ def _repeat_problem(m: Match, name: str) -> str | None:
     if f"{name}_expand" not in m.captures:
         return None
     b, hkv, length, d = _val(m[name]).shape
-    sizes, out = m[f"{name}_expand"], m[f"{name}_repeated_shape"]
-    if len(sizes) != 5 or len(out) != 4:
+    sizes, out = (layout.value(m[f"{name}_{s}"]) for s in ("expand", "repeated_shape"))
+    if not isinstance(sizes, list) or not isinstance(out, list) or len(sizes) != 5 \
+            or len(out) != 4:
         return f"{name} is expanded to {sizes}: not repeat_kv"
     rep = sizes[2]
-    same = [sizes[0], sizes[1], sizes[3], sizes[4]] == [b, hkv, length, d] and list(out) == [
-        b, hkv * rep, length, d]
+    want_sizes, want_out = [b, hkv, length, d], [b, hkv * rep, length, d]
+    same = all(map(layout.same, [sizes[0], sizes[1], sizes[3], sizes[4]], want_sizes)) and all(
+        map(layout.same, out, want_out))
     return None if same else f"{name} expand {sizes} / reshape {out} is not repeat_kv"
 
 

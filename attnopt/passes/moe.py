@@ -28,6 +28,11 @@ which Dynamo puts in one graph when `capture_dynamic_output_shape_ops` is on (`w
 data-dependent size); the E per-expert weights are stacked once, at compile time. The `eager`
 implementation of transformers loops over the experts that were *hit*, a loop whose length is
 data: Dynamo cannot put it in one graph, so it reaches us in pieces and is left alone.
+
+Under dynamic shapes (torch.export's dynamic dims, torch.compile's dynamic=True) the sizes that
+follow the token count (T in the top-k sum's view, T·k in the inverse permutation's arange) are
+SymInts, held by nodes of the graph: the patterns capture them rather than match them as
+literals, and `check` compares them with `layout.same`, which never adds a guard.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ import torch.fx as fx
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from attnopt.backends import ops  # noqa: F401  (registers torch.ops.attnopt.*)
+from attnopt.compiler import layout
 from attnopt.compiler.graph import fake_value, insert_call
 from attnopt.compiler.options import Options
 from attnopt.compiler.pattern import (
@@ -68,7 +74,7 @@ flat_weights = Call(_VIEWS, topk_weights, [-1])
 
 def gated(projection: Call) -> Call:
     """act(gate) ⊙ up for the [S, 2I] projection, split in halves (gate first)."""
-    halves = Call(aten.split.Tensor, projection, Literal("intermediate"), -1)
+    halves = Call(aten.split.Tensor, projection, Capture("intermediate"), -1)
     gate, up = Call(operator.getitem, halves, 0), Call(operator.getitem, halves, 1)
     act = (Call(aten.silu.default, gate, name="silu")
            | Call(aten.gelu.default, gate, approximate=Literal("approximate")))
@@ -77,7 +83,7 @@ def gated(projection: Call) -> Call:
 
 def summed_over_topk(weighted: Call) -> Call:
     """out = y.view(T, k, H).sum(1), cast back to the activations' dtype if it was promoted."""
-    total = Call(aten.sum.dim_IntList, Call(_VIEWS, weighted, Literal("tkh")), [1])
+    total = Call(aten.sum.dim_IntList, Call(_VIEWS, weighted, Capture("tkh")), [1])
     return optional(Call(aten._to_copy.default, total, dtype=ANY), through=total)
 
 
@@ -94,9 +100,9 @@ perm = Call(operator.getitem, _sorted, 1)
 offsets = Call(aten.cumsum.default, Call(aten.histc.default, Call(
     aten._to_copy.default, Call(operator.getitem, _sorted, 0), dtype=ANY), Literal("experts"),
     ANY, ANY), 0, dtype=ANY)
-x_sorted = Call(aten.index.Tensor, x, [Call(aten.floor_divide.default, perm, Literal("k"))])
+x_sorted = Call(aten.index.Tensor, x, [Call(aten.floor_divide.default, perm, Capture("k"))])
 inverse = Call(aten.index_put.default, Call(aten.empty_like.default, perm, pin_memory=ANY),
-               [perm], Call(aten.arange.default, ANY, device=ANY, pin_memory=ANY))
+               [perm], Call(aten.arange.default, Capture("pairs"), device=ANY, pin_memory=ANY))
 
 
 def grouped_mm(a: Call, weight: Capture) -> Call:
@@ -132,20 +138,35 @@ def activation(m: Match) -> str:
     return "gelu_tanh" if m["approximate"] == "tanh" else "gelu"
 
 
+def _same_size(size: object, want: object) -> bool:
+    """Whether a captured size (an int, or a node holding a SymInt) is `want` for every value its
+    symbols may take; never adds a guard."""
+    v = layout.value(size)
+    return isinstance(v, int | torch.SymInt) and layout.same(v, want)
+
+
 def check(m: Match, ctx=None) -> str | None:
     xv, ids, w = fake_value(m["x"]), fake_value(m["topk_ids"]), fake_value(m["topk_weights"])
     gu, down = fake_value(m["w_gate_up"]), fake_value(m["w_down"])
-    if xv.dim() != 2 or ids.dim() != 2 or tuple(w.shape) != tuple(ids.shape):
-        return f"x {list(xv.shape)}, ids {list(ids.shape)}, weights {list(w.shape)}: not [T, H]"
+    if xv.dim() != 2 or ids.dim() != 2 or w.dim() != 2 or not all(
+            map(layout.same, (xv.shape[0], *w.shape), (ids.shape[0], *ids.shape))):
+        return (f"x {list(xv.shape)}, ids {list(ids.shape)}, weights {list(w.shape)}: not "
+                "[T, H], [T, k], [T, k]")
     t, k = ids.shape
-    e, two_i, h = gu.shape
-    if down.shape != (e, h, two_i // 2) or m["intermediate"] * 2 != two_i or xv.shape[1] != h:
+    e, two_i, h = gu.shape  # frozen weights: static sizes
+    if down.shape != (e, h, two_i // 2) or not _same_size(m["intermediate"], two_i // 2) \
+            or not layout.same(xv.shape[1], h):
         return (f"expert weights gate_up {list(gu.shape)} / down {list(down.shape)} do not fit "
-                f"hidden {xv.shape[1]} and intermediate {m['intermediate']}")
-    if list(m["tkh"]) not in ([t, k, h], [-1, k, h]):
-        return f"the top-k sum views the outputs as {m['tkh']}, not [T, k, H] = [{t}, {k}, {h}]"
-    if "k" in m.captures and m["k"] != k:
-        return f"tokens are gathered as perm // {m['k']} but top-k is {k}"
+                f"hidden {xv.shape[1]} and intermediate {layout.value(m['intermediate'])}")
+    tkh = layout.value(m["tkh"])
+    if len(tkh) != 3 or not (_same_size(tkh[0], t) or _same_size(tkh[0], -1)) \
+            or not all(map(_same_size, tkh[1:], (k, h))):
+        return f"the top-k sum views the outputs as {tkh}, not [T, k, H] = [{t}, {k}, {h}]"
+    if "k" in m.captures and not _same_size(m["k"], k):
+        return f"tokens are gathered as perm // {layout.value(m['k'])} but top-k is {k}"
+    if "pairs" in m.captures and not _same_size(m["pairs"], t * k):
+        return (f"the inverse permutation scatters arange({layout.value(m['pairs'])}), not one "
+                f"index per routed pair (T·k = {t * k})")
     if "experts" in m.captures and m["experts"] != e:
         return f"the histogram has {m['experts']} bins for {e} experts"
     if m.anchor.target is aten._to_copy.default and fake_value(m.anchor).dtype != xv.dtype:

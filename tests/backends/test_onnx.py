@@ -4,7 +4,8 @@ masks broadcast over queries, bottom-right causal, fully masked rows, fp16, new 
 time), softmax (every pre-op), w4a16_linear (MatMulNBits: padded K, odd block counts, bias,
 fp16, packed weights folded into initializers), moe and moe_w4a16 (top-1 and top-2, every
 activation, an expert with no tokens, one expert twice for a token, new token counts at run
-time, fp16 and fp64; one MatMulNBits per int4 expert matrix) and a tiny Mixtral exported whole."""
+time, fp16 and fp64; one MatMulNBits per int4 expert matrix) and a tiny Mixtral exported whole
+with a dynamic token count."""
 
 import math
 
@@ -340,11 +341,14 @@ def test_moe_w4a16_is_matmulnbits_per_expert_and_matches_reference(name):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("quantize", [None, "w4a16"])
-def test_mixtral_decode_step_matches_eager(tmp_path, quantize):
-    """A tiny transformers Mixtral through rewrite_model and export_onnx: its MoE blocks become
-    attnopt::moe (moe_w4a16 with quantize), whose translations ORT runs within fp32 rounding of
-    eager (of eager on the weights the int4 codes decode to, with quantize). One token: with a
-    dynamic token count the moe pass does not yet match the exported graph."""
+@pytest.mark.parametrize("impl", ["grouped_mm", "batched_mm"])
+def test_mixtral_matches_eager_at_any_token_count(tmp_path, impl, quantize):
+    """A tiny transformers Mixtral through rewrite_model and export_onnx, with batch and sequence
+    dynamic: its MoE blocks become attnopt::moe (moe_w4a16 with quantize), whose translations ORT
+    runs within fp32 rounding of eager (of eager on the weights the int4 codes decode to, with
+    quantize) on the prompt it was exported with, on another shape and on a one-token decode
+    step. A grouped_mm block left unmatched would fail the export: transformers' CPU grouped_mm
+    op has no ONNX translation."""
     transformers = pytest.importorskip("transformers")
     import onnx
 
@@ -357,9 +361,9 @@ def test_mixtral_decode_step_matches_eager(tmp_path, quantize):
         vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=2, num_local_experts=experts,
         num_experts_per_tok=2, max_position_embeddings=64,
-        experts_implementation="batched_mm")).eval()
-    path, ids = tmp_path / "mixtral.onnx", torch.tensor([[17]])
-    rewritten = export_onnx(model, path, (ids,), {"use_cache": False},
+        experts_implementation=impl)).eval()
+    path, prompt = tmp_path / "mixtral.onnx", torch.randint(0, 64, (2, 7))
+    rewritten = export_onnx(model, path, (prompt,), {"use_cache": False},
                             options={"quantize": quantize, "group_size": 32})
     assert rewritten.report.counts["moe"] == layers
     session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
@@ -369,7 +373,9 @@ def test_mixtral_decode_step_matches_eager(tmp_path, quantize):
         assert ops.count("MatMulNBits") >= 2 * layers * experts and "Gemm" not in ops
     else:
         assert ops.count("Gemm") == 2 * layers * experts
-    got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: ids.numpy()})[0])
-    with torch.no_grad():
-        expected = (dequantized_copy(model, 32) if quantize else model)(ids, use_cache=False)
-    torch.testing.assert_close(got, expected.logits, rtol=1e-4, atol=1e-4)
+    reference_model = dequantized_copy(model, 32) if quantize else model
+    for ids in (prompt, torch.randint(0, 64, (3, 4)), torch.tensor([[17]])):
+        got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: ids.numpy()})[0])
+        with torch.no_grad():
+            expected = reference_model(ids, use_cache=False).logits
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)

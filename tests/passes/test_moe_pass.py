@@ -1,10 +1,12 @@
 """The moe pass on transformers' MoE models, in each experts implementation that Dynamo captures
-whole: every MoE block becomes one `attnopt::moe` and the outputs match eager."""
+whole: every MoE block becomes one `attnopt::moe` and the outputs match eager, with static token
+counts and with dynamic ones (torch.compile's dynamic=True, torch.export's dynamic dims)."""
 
 import pytest
 import torch
 
 import attnopt
+from attnopt import rewrite_model
 from attnopt.testing import assert_matches_eager
 
 transformers = pytest.importorskip("transformers")
@@ -35,6 +37,10 @@ def ids():
     return torch.randint(0, 128, (2, 7))
 
 
+def assert_experts_gone(graph_lines: list[str]) -> None:
+    assert not [line for line in graph_lines if "grouped_mm" in line or "aten.bmm(" in line]
+
+
 @pytest.mark.parametrize("impl", ["grouped_mm", "batched_mm"])
 @pytest.mark.parametrize("name", ["mixtral", "qwen2_moe", "olmoe"])
 def test_every_moe_block_rewritten_and_matches_eager(name, impl):
@@ -42,8 +48,7 @@ def test_every_moe_block_rewritten_and_matches_eager(name, impl):
         reports = assert_matches_eager(build(name, impl), (ids(),), options={"inner": "eager"},
                                        rtol=1e-4, atol=1e-4)
     assert sum(r.counts["moe"] for r in reports) == LAYERS
-    assert not [line for r in reports for line in r.passes[-1].after
-                if "grouped_mm" in line or "aten.bmm(" in line]
+    assert_experts_gone([line for r in reports for line in r.passes[-1].after])
 
 
 @pytest.mark.parametrize("impl", ["grouped_mm", "batched_mm"])
@@ -60,6 +65,43 @@ def test_one_token_decode_shape():
         reports = assert_matches_eager(build("mixtral", "grouped_mm"), (ids()[:1, :1],),
                                        options={"inner": "eager"}, rtol=1e-4, atol=1e-4)
     assert sum(r.counts["moe"] for r in reports) == LAYERS
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("impl", ["grouped_mm", "batched_mm"])
+@pytest.mark.parametrize("name", ["mixtral", "olmoe"])
+def test_dynamic_token_count_one_graph_matches_eager(name, impl):
+    """With dynamic=True the sizes that depend on T (the top-k sum's view, the inverse
+    permutation's arange) are SymInts in the graph: compared symbolically, they still match,
+    and the one graph serves every token count."""
+    model = build(name, impl)
+    attnopt.clear_reports()
+    compiled = torch.compile(model, backend="attnopt", dynamic=True, options={"inner": "eager"})
+    with torch.no_grad():
+        for batch, length in ((2, 7), (3, 5)):
+            x = torch.randint(0, 128, (batch, length))
+            torch.testing.assert_close(compiled(x).logits, model(x).logits, rtol=1e-4, atol=1e-4)
+    (report,) = attnopt.reports()
+    assert report.counts["moe"] == LAYERS and not report.pass_record("moe").rejected
+    assert_experts_gone(report.passes[-1].after)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("impl", ["grouped_mm", "batched_mm"])
+def test_exported_with_dynamic_dims_every_block_rewritten(impl):
+    """rewrite_model exports batch and sequence as dynamic dims, as `attnopt export` does; the
+    rewritten module then runs other shapes. No transformers.grouped_mm_fallback is left (it has
+    no ONNX translation)."""
+    model = build("mixtral", impl)
+    rewritten = rewrite_model(model, (ids(),), {"use_cache": False})
+    assert rewritten.report.counts["moe"] == LAYERS
+    assert not rewritten.report.pass_record("moe").rejected
+    assert_experts_gone(rewritten.report.passes[-1].after)
+    with torch.no_grad():
+        for batch, length in ((3, 5), (1, 9)):
+            x = torch.randint(0, 128, (batch, length))
+            torch.testing.assert_close(rewritten.module(x, use_cache=False).logits,
+                                       model(x, use_cache=False).logits, rtol=1e-4, atol=1e-4)
 
 
 def test_eager_loop_is_not_one_graph_and_is_left_alone():
@@ -131,6 +173,19 @@ def test_module_list_loop_becomes_one_op_with_stacked_weights(dtype):
     after = report.passes[-1].after
     assert not [line for line in after if "aten.index_add(" in line]
     assert sum("aten.mm(" in line for line in after) == 1  # the router; the experts are gone
+
+
+def test_module_list_loop_with_dynamic_token_count():
+    model = ClassicMoE().eval()
+    attnopt.clear_reports()
+    with torch.no_grad(), torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+        compiled = torch.compile(model, backend="attnopt", dynamic=True,
+                                 options={"inner": "eager"})
+        for batch, length in ((2, 5), (3, 4)):
+            x = torch.randn(batch, length, 32)
+            torch.testing.assert_close(compiled(x), model(x))
+    (report,) = attnopt.reports()
+    assert report.counts["moe"] == 1
 
 
 def test_loop_over_some_experts_is_refused_with_reason():
