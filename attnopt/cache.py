@@ -32,11 +32,21 @@ graph that writes the cache needs no custom mutating op with its own fake and fu
 variants. A fused quantize-and-write kernel is the one thing an op would add (int8 mode takes
 a few elementwise kernels today).
 
-Reads. Unmodified transformers attention needs contiguous K/V [B, Hkv, L, D], so `update`
-returns them gathered from the blocks (`gather`). That copy is the SLOW FALLBACK, kept so that
-eager models work unchanged; the kv_cache pass replaces it with `attnopt::paged_attention`,
-which reads the pools in place. Host-side bookkeeping (lengths, the free list, the table) lives
-in Python ints, so a step never reads the device.
+Reads. Unmodified transformers attention needs contiguous K/V, so `update` returns them
+gathered out of the blocks by `attnopt::paged_gather`: that copy is the SLOW FALLBACK, kept so
+that the model works unchanged, and the kv_cache pass replaces the attention that reads it with
+`attnopt::paged_attention`, which reads the pools in place. In eager mode the gather is exact
+([B, Hkv, L, D], L the cached length). Under torch.compile it is a static-cache view instead:
+[B, Hkv, capacity, D] with zeros past each sequence's length, and `get_mask_sizes` reports the
+capacity, so every decode step has the same shapes and never recompiles. transformers' causal
+mask hides the positions past the current token, as it does for its own StaticCache.
+
+Bookkeeping on the device. The lengths, the blocks each sequence holds and the free list are
+tensors, and blocks are allocated by tensor arithmetic (`_reserve`): no Python int changes from
+one step to the next, so nothing in a compiled graph is specialised on a length, and no step
+reads the device. Running out of blocks is checked by `torch._assert_async` (an error at the
+next synchronisation on CUDA, at once on CPU). The host-side views (`blocks`, `free_blocks`,
+`seq_lens_host`, the byte counts) read the device and are meant for between steps.
 
 int8 (`int8=True`). K and V are stored as int8 with one float32 scale per (token, KV head):
 scale = max|x| / 127 over the head's D values, code = round(x / scale). Per token, because a
@@ -63,7 +73,7 @@ import torch
 from torch import Tensor
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from attnopt.backends import reference
+from attnopt.backends import ops  # noqa: F401  (registers torch.ops.attnopt.paged_gather)
 
 INT8_MAX = 127
 _ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
@@ -100,8 +110,8 @@ class PagedLayer(CacheLayerMixin):
     """One layer of a `PagedKVCache`: its K/V pools (and int8 scales) and its sequences'
     lengths. The block table and the free list belong to the cache."""
 
-    # The gathered fallback's shapes change every step, so compiling it would recompile (or go
-    # dynamic); the kv_cache pass replaces it with reads in place.
+    # False keeps `generate` from compiling the model itself with Inductor's defaults when it
+    # sees this cache: compile it with attnopt (README, "Decoding").
     is_compileable = False
     is_sliding = False
     is_croppable = True
@@ -114,7 +124,6 @@ class PagedLayer(CacheLayerMixin):
         self.k_scale: Tensor | None = None
         self.v_scale: Tensor | None = None
         self.seq_lens: Tensor | None = None  # [B] int32, on the pools' device
-        self.lens: list[int] = []  # the same on the host
 
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
         """Allocate the pools, sized by the cache's max_tokens, from the first K/V's batch size,
@@ -132,78 +141,88 @@ class PagedLayer(CacheLayerMixin):
             self.k_scale = torch.zeros(shape, dtype=torch.float32, device=self.device)
             self.v_scale = torch.zeros(shape, dtype=torch.float32, device=self.device)
         self.seq_lens = torch.zeros(self.batch_size, dtype=torch.int32, device=self.device)
-        self.lens = [0] * self.batch_size
         _static_addresses(self.k_pool, self.v_pool, self.k_scale, self.v_scale, self.seq_lens)
         self.is_initialized = True
+
+    @property
+    def lens(self) -> list[int]:
+        """Each sequence's cached length, read from the device."""
+        return self.seq_lens.tolist() if self.is_initialized else []
 
     # --- writing -------------------------------------------------------------------------
 
     def append(self, key_states: Tensor, value_states: Tensor,
                num_new: list[int] | None = None) -> None:
         """Write new tokens in place: key_states [B, Hkv, n, D], value_states [B, Hkv, n, Dv].
-        With `num_new`, sequence b takes only its first num_new[b] tokens (ragged appends, e.g.
-        speculative decoding); otherwise every sequence takes all n."""
+        With `num_new` (eager only), sequence b takes only its first num_new[b] tokens (ragged
+        appends, e.g. speculative decoding); otherwise every sequence takes all n."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         b, _, n, _ = key_states.shape
         if b != self.batch_size:
             raise ValueError(f"PagedKVCache holds {self.batch_size} sequences, got K/V for {b} "
                              "(call reset() before a new batch)")
-        counts = [n] * b if num_new is None else [int(c) for c in num_new]
-        if len(counts) != b or not all(0 <= c <= n for c in counts):
-            raise ValueError(f"num_new must hold {b} counts in [0, {n}], got {num_new}")
-        if n == 0 or not any(counts):
+        if n == 0:
             return
-        new_lens = [length + c for length, c in zip(self.lens, counts, strict=True)]
-        self.cache._reserve(new_lens)
-        slots = slot_mapping(self.cache.block_table, self.seq_lens, n, self.cache.block_size)
         keys, values = key_states.transpose(1, 2), value_states.transpose(1, 2)  # [B, n, H, D]
-        if num_new is not None:
-            take = torch.arange(n)[None, :] < torch.tensor(counts)[:, None]
-            take = take.to(slots.device)
+        if num_new is None:
+            new_lens = self.seq_lens + n
+            self.cache._reserve(new_lens, n)
+            slots = slot_mapping(self.cache.block_table, self.seq_lens, n, self.cache.block_size)
+        else:
+            counts = torch.tensor([int(c) for c in num_new])
+            if counts.shape != (b,) or not ((counts >= 0) & (counts <= n)).all():
+                raise ValueError(f"num_new must hold {b} counts in [0, {n}], got {num_new}")
+            counts = counts.to(self.device, torch.int32)
+            new_lens = self.seq_lens + counts
+            self.cache._reserve(new_lens, n)
+            slots = slot_mapping(self.cache.block_table, self.seq_lens, n, self.cache.block_size)
+            take = torch.arange(n, device=self.device)[None, :] < counts[:, None]
             slots, keys, values = slots[take], keys[take], values[take]
         slots = slots.reshape(-1)
         self._write(self.k_pool, self.k_scale, slots, keys)
         self._write(self.v_pool, self.v_scale, slots, values)
-        if num_new is None:
-            self.seq_lens.add_(n)
-        else:
-            self.seq_lens.copy_(torch.tensor(new_lens, dtype=torch.int32))
-        self.lens = new_lens
+        self.seq_lens.copy_(new_lens)
 
     @staticmethod
     def _write(pool: Tensor, scale: Tensor | None, slots: Tensor, x: Tensor) -> None:
+        # Indexed by (block, row) on the pool itself, not on a flattened view: a compiled graph
+        # then holds index_put(pool, ...) followed by the copy back into the input, which is
+        # the pattern Inductor's reinplacing (and attnopt's, for inner="eager") turns into one
+        # in-place write of the new rows rather than a copy of the pool.
+        index = (slots // pool.shape[1], slots % pool.shape[1])
         rows = x.reshape(-1, *pool.shape[2:])
         if scale is None:
-            pool.view(-1, *pool.shape[2:]).index_copy_(0, slots, rows.to(pool.dtype))
+            pool.index_put_(index, rows.to(pool.dtype))
         else:
             codes, s = quantize_int8(rows)
-            pool.view(-1, *pool.shape[2:]).index_copy_(0, slots, codes)
-            scale.view(-1, pool.shape[2]).index_copy_(0, slots, s)
+            pool.index_put_(index, codes)
+            scale.index_put_(index, s)
 
     # --- reading -------------------------------------------------------------------------
 
     def gather(self) -> tuple[Tensor, Tensor]:
         """SLOW FALLBACK for unmodified attention: the cached K/V of every sequence as
         contiguous [B, Hkv, L, D] / [B, Hkv, L, Dv] tensors in the model dtype (int8
-        dequantized), copied out of the blocks. Needs equal lengths across the batch (which
-        `generate` keeps: padding is cached like any token). The kv_cache pass replaces this
-        copy with `attnopt::paged_attention` reading the pools in place."""
-        length = self.get_seq_length()
-        if any(n != length for n in self.lens):
-            raise NotImplementedError(
-                f"PagedKVCache: the sequences have different lengths {self.lens}; the eager "
-                "fallback returns rectangular K/V, read ragged caches with "
-                "attnopt::paged_attention")
-        ids = self.cache.block_table[:, :math.ceil(length / self.cache.block_size)].long()
-        return (self._gather(self.k_pool, self.k_scale, ids, length),
-                self._gather(self.v_pool, self.v_scale, ids, length))
-
-    def _gather(self, pool: Tensor, scale: Tensor | None, ids: Tensor, length: int) -> Tensor:
-        x = pool[ids].flatten(1, 2)[:, :length]
-        if scale is not None:
-            x = reference.dequantize_kv(x, scale[ids].flatten(1, 2)[:, :length], self.dtype)
-        return x.transpose(1, 2).contiguous()
+        dequantized), copied out of the blocks. Eager: L is the cached length, the same for
+        every sequence (which `generate` keeps: padding is cached like any token). Compiled: L
+        is the capacity, zeros past each sequence's length. The kv_cache pass replaces the
+        attention reading this copy with `attnopt::paged_attention`, which reads the pools."""
+        table = self.cache.block_table
+        if not torch.compiler.is_compiling():
+            lens = self.lens
+            if any(n != lens[0] for n in lens):
+                raise NotImplementedError(
+                    f"PagedKVCache: the sequences have different lengths {lens}; the eager "
+                    "fallback returns rectangular K/V, read ragged caches with "
+                    "attnopt::paged_attention")
+            length = lens[0]
+            table = table[:, :math.ceil(length / self.cache.block_size)]
+        else:
+            length = self.cache.capacity
+        gather = torch.ops.attnopt.paged_gather
+        return (gather(self.k_pool, table, self.seq_lens, self.k_scale, self.dtype)[:, :, :length],
+                gather(self.v_pool, table, self.seq_lens, self.v_scale, self.dtype)[:, :, :length])
 
     # --- the transformers layer interface ------------------------------------------------
 
@@ -214,28 +233,33 @@ class PagedLayer(CacheLayerMixin):
         return self.gather()
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        if torch.compiler.is_compiling():
+            return self.cache.capacity, 0
         return self.get_seq_length() + query_length, 0
 
-    def get_seq_length(self) -> int:
-        return max(self.lens, default=0)
+    def get_seq_length(self) -> int | Tensor:
+        """The longest sequence's length: an int in eager mode, a tensor under torch.compile
+        (as StaticCache's), which is what keeps the graph free of a length."""
+        if not self.is_initialized:
+            return 0
+        if torch.compiler.is_compiling():
+            return self.seq_lens.max()
+        return int(self.seq_lens.max())
 
     def get_max_length(self) -> int:
-        return self.cache.max_blocks_per_seq * self.cache.block_size
+        return self.cache.capacity
 
     def reset(self) -> None:
         """Lengths to 0; the pools stay allocated (their contents are dead, not zeroed)."""
         if self.is_initialized:
             self.seq_lens.zero_()
-            self.lens = [0] * self.batch_size
 
     def crop(self, tokens_to_remove: int) -> None:
         if tokens_to_remove > 0:
             raise ValueError(f"crop takes a negative number of tokens to remove, got "
                              f"{tokens_to_remove}")
-        if not self.is_initialized or tokens_to_remove == 0:
-            return
-        self.lens = [max(0, n + tokens_to_remove) for n in self.lens]
-        self.seq_lens.copy_(torch.tensor(self.lens, dtype=torch.int32))
+        if self.is_initialized:
+            self.seq_lens.add_(tokens_to_remove).clamp_(min=0)
 
     def offload(self):
         raise NotImplementedError("PagedKVCache does not offload")
@@ -267,13 +291,19 @@ class PagedKVCache(Cache):
         block_size: tokens per block (16 by default; any size works, powers of two suit the
             kernel best).
         max_seq_len: the longest one sequence may grow (the block table's width); default
-            max_tokens.
+            max_tokens. Compiled decoding reads masks of this length: keep it near what
+            generation needs.
         int8: store K/V as int8 with per (token, head) float32 scales.
+        batch_size, dtype, device: allocate the pools now, for this many sequences of the
+            config's KV heads (needs config). Otherwise the first update allocates them; under
+            torch.compile that first prefill is a graph of its own, so a compiled model that
+            decodes into fresh caches should allocate up front (or reuse a cache: `reset()`).
     """
 
     def __init__(self, config=None, *, max_tokens: int, block_size: int = 16,
                  max_seq_len: int | None = None, num_layers: int | None = None,
-                 int8: bool = False):
+                 int8: bool = False, batch_size: int | None = None,
+                 dtype: torch.dtype | None = None, device: torch.device | str | None = None):
         if max_tokens <= 0 or block_size <= 0:
             raise ValueError(f"max_tokens and block_size must be positive, got {max_tokens} "
                              f"and {block_size}")
@@ -281,10 +311,13 @@ class PagedKVCache(Cache):
         self.num_blocks = math.ceil(max_tokens / block_size)
         self.max_blocks_per_seq = math.ceil((max_seq_len or max_tokens) / block_size)
         self.int8 = int8
-        self.block_table: Tensor | None = None  # [B, max_blocks_per_seq] int32, on the device
-        self.blocks: list[list[int]] = []  # each sequence's blocks, on the host
-        # A stack: low block ids first (pop() takes from the end).
-        self.free_blocks: list[int] = list(range(self.num_blocks - 1, -1, -1))
+        # On the device, from the first update: the block table [B, max_blocks_per_seq], the
+        # number of blocks each sequence holds [B] (its first `held` table entries), and the
+        # free list, a stack: free_ids[:free_count] are free, the last one is taken first.
+        self.block_table: Tensor | None = None
+        self.held: Tensor | None = None
+        self.free_ids: Tensor | None = None
+        self.free_count: Tensor | None = None
         if config is not None:
             config = config.get_text_config(decoder=True)
             num_layers = config.num_hidden_layers
@@ -297,11 +330,26 @@ class PagedKVCache(Cache):
             super().__init__(layers=[PagedLayer(self) for _ in range(num_layers)])
         else:
             super().__init__(layer_class_to_replicate=functools.partial(PagedLayer, self))
+        if batch_size is not None:
+            if config is None:
+                raise ValueError("PagedKVCache(batch_size=...) allocates from the config's KV "
+                                 "heads and head dim: pass the model's config too")
+            heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+            head_dim = (getattr(config, "head_dim", None)
+                        or config.hidden_size // config.num_attention_heads)
+            self.early_initialization(batch_size, heads, head_dim,
+                                      dtype or torch.get_default_dtype(),
+                                      torch.device(device or "cpu"))
 
     def __repr__(self):
         return (f"PagedKVCache(layers={len(self.layers)}, block_size={self.block_size}, "
                 f"num_blocks={self.num_blocks}, int8={self.int8}, "
                 f"seq_lens={self.seq_lens_host()})")
+
+    @property
+    def capacity(self) -> int:
+        """Tokens one sequence can hold: the block table's width in tokens."""
+        return self.max_blocks_per_seq * self.block_size
 
     # --- blocks --------------------------------------------------------------------------
 
@@ -309,44 +357,61 @@ class PagedKVCache(Cache):
         if self.block_table is None:
             self.block_table = torch.zeros((batch_size, self.max_blocks_per_seq),
                                            dtype=torch.int32, device=device)
-            _static_addresses(self.block_table)
-            self.blocks = [[] for _ in range(batch_size)]
+            self.held = torch.zeros(batch_size, dtype=torch.int32, device=device)
+            # Reversed, so that blocks are taken lowest id first.
+            self.free_ids = torch.arange(self.num_blocks - 1, -1, -1, dtype=torch.int32,
+                                         device=device)
+            self.free_count = torch.full((), self.num_blocks, dtype=torch.int32, device=device)
+            _static_addresses(self.block_table, self.held, self.free_ids, self.free_count)
         elif self.block_table.shape[0] != batch_size:
             raise ValueError(f"PagedKVCache holds {self.block_table.shape[0]} sequences, got "
                              f"K/V for {batch_size}")
 
-    def _reserve(self, lengths: list[int]) -> None:
-        """Make sure sequence b has blocks for lengths[b] tokens, taking new blocks from the
-        free list and writing them into the block table (one small host-to-device copy)."""
-        need = [math.ceil(length / self.block_size) for length in lengths]
-        for b, n in enumerate(need):
-            if n > self.max_blocks_per_seq:
-                raise RuntimeError(f"PagedKVCache: sequence {b} would hold {lengths[b]} tokens, "
-                                   f"more than max_seq_len "
-                                   f"{self.max_blocks_per_seq * self.block_size}")
-        missing = sum(max(0, n - len(blocks)) for n, blocks in zip(need, self.blocks, strict=True))
-        if missing > len(self.free_blocks):
-            raise RuntimeError(f"PagedKVCache is full: {missing} more blocks of "
-                               f"{self.block_size} tokens needed, {len(self.free_blocks)} of "
-                               f"{self.num_blocks} free; raise max_tokens")
-        rows, cols, ids = [], [], []
-        for b, n in enumerate(need):
-            while len(self.blocks[b]) < n:
-                rows.append(b)
-                cols.append(len(self.blocks[b]))
-                ids.append(self.free_blocks.pop())
-                self.blocks[b].append(ids[-1])
-        if ids:
-            self.block_table[rows, cols] = torch.tensor(ids, dtype=torch.int32).to(
-                self.block_table.device)
+    def _reserve(self, lengths: Tensor, max_new_tokens: int) -> None:
+        """Make sure sequence b holds the blocks for lengths[b] tokens, having grown by at most
+        `max_new_tokens`: the missing blocks are popped off the free list and written into the
+        table. Tensor arithmetic only (no host sync, no data-dependent shapes), so compiled
+        graphs run it as it is; idempotent, so every layer may call it and the first one to
+        need a block takes it for all."""
+        bs, width = self.block_size, self.max_blocks_per_seq
+        need = (lengths + bs - 1) // bs
+        count = (need - self.held).clamp(min=0)  # blocks to take, per sequence
+        first = torch.cumsum(count, 0) - count  # where each sequence's run starts in the pops
+        # A sequence grows by at most ceil(max_new_tokens / bs) blocks (its partly filled block
+        # absorbs the rest), and no more than the table holds.
+        j = torch.arange(min(-(-max_new_tokens // bs), width), device=lengths.device)
+        take = j < count[:, None]  # [B, M]
+        pick = self.free_count - 1 - (first[:, None] + j)  # stack positions, top first
+        torch._assert_async(
+            (need <= width).all() & (count.sum() <= self.free_count),
+            "PagedKVCache is full: a sequence outgrew max_seq_len, or the pool ran out of "
+            "blocks; raise max_tokens / max_seq_len")
+        ids = self.free_ids[pick.clamp(min=0).long()]
+        # Columns held + j are distinct, and taken ones lie in [held, held + count); the
+        # others wrap (mod width) to columns below `held` and write back what is there, so
+        # the scatter has no duplicate index and needs no mask.
+        cols = ((self.held[:, None] + j) % width).long()
+        self.block_table.scatter_(1, cols, torch.where(take, ids, self.block_table.gather(1, cols)))
+        self.free_count.sub_(count.sum())
+        self.held.copy_(torch.maximum(self.held, need))
+
+    def _give_back(self, keep: list[int]) -> None:
+        """Eager: sequence b keeps its first keep[b] blocks; the rest go back on the free list
+        (pushed in reverse, so they are taken again in table order)."""
+        held, top = self.held.tolist(), int(self.free_count)
+        for b, (n, k) in enumerate(zip(held, keep, strict=True)):
+            if n > k:
+                back = self.block_table[b, k:n].flip(0)
+                self.free_ids[top:top + len(back)] = back
+                top += len(back)
+                self.held[b] = k
+        self.free_count.fill_(top)
 
     def _release_unused(self) -> None:
         """Give back the blocks past what each sequence's longest layer still needs."""
-        for b, blocks in enumerate(self.blocks):
-            need = math.ceil(max((layer.lens[b] for layer in self._initialized()), default=0)
-                             / self.block_size)
-            while len(blocks) > need:
-                self.free_blocks.append(blocks.pop())
+        lengths = [layer.lens for layer in self._initialized()]
+        self._give_back([math.ceil(max(col, default=0) / self.block_size)
+                         for col in zip(*lengths, strict=True)] if lengths else [])
 
     def _initialized(self) -> list[PagedLayer]:
         return [layer for layer in self.layers if layer.is_initialized]
@@ -355,9 +420,28 @@ class PagedKVCache(Cache):
         """Empty sequence `seq` in every layer and give its blocks back (e.g. when it has
         finished and its slot is reused)."""
         for layer in self._initialized():
-            layer.lens[seq] = 0
             layer.seq_lens[seq] = 0
         self._release_unused()
+
+    # --- host-side views (they read the device) ------------------------------------------
+
+    @property
+    def blocks(self) -> list[list[int]]:
+        """The blocks each sequence holds, in order."""
+        if self.block_table is None:
+            return []
+        return [row[:n] for row, n in zip(self.block_table.tolist(), self.held.tolist(),
+                                          strict=True)]
+
+    @property
+    def free_blocks(self) -> list[int]:
+        """The free blocks; the last is taken first."""
+        return [] if self.free_ids is None else self.free_ids[:int(self.free_count)].tolist()
+
+    def seq_lens_host(self) -> list[int]:
+        """Each sequence's length in its longest layer (all layers agree between steps)."""
+        lengths = [layer.lens for layer in self._initialized()]
+        return [max(col) for col in zip(*lengths, strict=True)] if lengths else []
 
     # --- memory accounting ---------------------------------------------------------------
 
@@ -375,7 +459,7 @@ class PagedKVCache(Cache):
 
     def bytes_allocated(self) -> int:
         """The blocks handed out to sequences, in every initialized layer."""
-        blocks = sum(len(b) for b in self.blocks)
+        blocks = int(self.held.sum()) if self.held is not None else 0
         return sum(blocks * self.block_size * self._bytes_per_token(layer)
                    for layer in self._initialized())
 
@@ -384,21 +468,14 @@ class PagedKVCache(Cache):
         return sum(sum(layer.lens) * self._bytes_per_token(layer)
                    for layer in self._initialized())
 
-    def seq_lens_host(self) -> list[int]:
-        """Each sequence's length in its longest layer (all layers agree between steps)."""
-        layers = self._initialized()
-        return [max(layer.lens[b] for layer in layers) for b in range(len(self.blocks))] \
-            if layers else []
-
     # --- the transformers cache interface ------------------------------------------------
 
     def reset(self) -> None:
         """Empty every sequence and give all blocks back; the pools and the block table keep
         their memory (and addresses)."""
         super().reset()
-        for blocks in self.blocks:
-            self.free_blocks.extend(reversed(blocks))
-            blocks.clear()
+        if self.held is not None:
+            self._give_back([0] * len(self.held))
 
     def crop(self, tokens_to_remove: int) -> None:
         super().crop(tokens_to_remove)

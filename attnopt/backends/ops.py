@@ -379,6 +379,47 @@ def inductor_decompositions() -> dict:
     }
 
 
+def _blocks(pool: Tensor, ids: Tensor) -> Tensor:
+    """pool [num_blocks, block_size, ...] read through ids [B, nb]: [B, nb · block_size, ...].
+    index_select, not pool[ids]: on CPU advanced indexing takes milliseconds for what
+    index_select copies in microseconds."""
+    rows = pool.index_select(0, ids.reshape(-1))
+    return rows.view(ids.shape[0], ids.shape[1] * pool.shape[1], *pool.shape[2:])
+
+
+# --- paged KV cache: the gather fallback -------------------------------------------------------
+
+
+@torch.library.custom_op("attnopt::paged_gather", mutates_args=())
+def paged_gather(
+    pool: Tensor,
+    block_table: Tensor,
+    seq_lens: Tensor,
+    scale: Tensor | None = None,
+    dtype: torch.dtype | None = None,
+) -> Tensor:
+    """A static-cache view of one paged pool [num_blocks, block_size, H, D]: [B, H, nb ·
+    block_size, D] in `dtype` (default the pool's), sequence b's token t at position t, read
+    through block_table [B, nb]; zeros from seq_lens[b] on. An int8 pool is dequantized with
+    its per (token, head) `scale`. What `attnopt.cache.PagedKVCache` returns to unmodified
+    attention: a copy, which the kv_cache pass removes by reading the pool in place
+    (`paged_attention`). One indexing kernel on every device, so no Triton path."""
+    nb, block_size = block_table.shape[1], pool.shape[1]
+    dtype = dtype or pool.dtype
+    ids = block_table.long()
+    x = reference.dequantize_kv(_blocks(pool, ids),
+                                None if scale is None else _blocks(scale, ids), dtype)
+    present = torch.arange(nb * block_size, device=pool.device) < seq_lens[:, None]
+    return torch.where(present[:, :, None, None], x, 0).transpose(1, 2).contiguous()
+
+
+@paged_gather.register_fake
+def _(pool, block_table, seq_lens, scale=None, dtype=None):
+    b, nb = block_table.shape
+    return pool.new_empty((b, pool.shape[2], nb * pool.shape[1], pool.shape[3]),
+                          dtype=dtype or pool.dtype)
+
+
 # --- paged attention (KV cache) ----------------------------------------------------------------
 
 
@@ -394,32 +435,37 @@ def paged_attention(
     impl: str = "auto",
     k_scale: Tensor | None = None,
     v_scale: Tensor | None = None,
+    mask: Tensor | None = None,
 ) -> Tensor:
     """Attention of q [B, Hq, Lq, D] (Lq new tokens per sequence, 1..16 in decode) over each
     sequence's cached keys, read in place from the paged pools k_pool [num_blocks, block_size,
     Hkv, D] and v_pool through block_table [B, max_blocks] and seq_lens [B] (int32); GQA by
     indexing; bottom-right causal against each sequence's own length; int8 pools with per
-    (token, head) float32 scales. `reference.paged_attention` states the semantics;
+    (token, head) float32 scales; optionally the model's own `mask`, bool (True = attend) or
+    additive, broadcast to [B, Hq, Lq, max_blocks · block_size] (column j: each sequence's j-th
+    cached token). `reference.paged_attention` states the semantics;
     `attnopt.cache.PagedKVCache` holds such pools. The Triton path is split-KV flash decoding
     over the block table (`triton.paged_attention`). Inference only: no autograd formula."""
     if _use_triton(impl, q):
         from attnopt.backends.triton import paged_attention as kernel
 
         return kernel.paged_attention(q, k_pool, v_pool, block_table, seq_lens, scale,
-                                      is_causal, k_scale, v_scale)
+                                      is_causal, k_scale, v_scale, mask)
     if impl == "reference":
         return reference.paged_attention(q, k_pool, v_pool, block_table, seq_lens, scale,
-                                         is_causal, k_scale, v_scale)
+                                         is_causal, k_scale, v_scale, mask)
     return _paged_attention_cpu(q, k_pool, v_pool, block_table, seq_lens, scale, is_causal,
-                                k_scale, v_scale)
+                                k_scale, v_scale, mask)
 
 
 def _paged_attention_cpu(q, k_pool, v_pool, block_table, seq_lens, scale, is_causal,
-                         k_scale, v_scale) -> Tensor:
+                         k_scale, v_scale, mask) -> Tensor:
     """One batched SDPA (which reads grouped K/V unrepeated) over K/V gathered from the blocks
     up to the longest sequence, with a boolean mask for the ragged lengths and the bottom-right
-    causal part. Reading seq_lens costs nothing on CPU tensors."""
-    reference.check_paged_attention(q, k_pool, v_pool, block_table, seq_lens, k_scale, v_scale)
+    causal part, combined with the model's mask. Reading seq_lens costs nothing on CPU
+    tensors."""
+    reference.check_paged_attention(q, k_pool, v_pool, block_table, seq_lens, k_scale, v_scale,
+                                    mask)
     b, hq, lq, _ = q.shape
     block_size, hkv = k_pool.shape[1], k_pool.shape[2]
     lens = seq_lens.to(device=q.device, dtype=torch.int64)
@@ -432,9 +478,9 @@ def _paged_attention_cpu(q, k_pool, v_pool, block_table, seq_lens, scale, is_cau
     ids = torch.where(used, block_table[:, :nb].long(), 0)
 
     def gather(pool, pool_scale):  # [B, H, nb · block_size, D] in q's dtype
-        x = pool[ids].flatten(1, 2)
+        x = _blocks(pool, ids)
         if pool_scale is not None:
-            x = reference.dequantize_kv(x, pool_scale[ids].flatten(1, 2), q.dtype)
+            x = reference.dequantize_kv(x, _blocks(pool_scale, ids), q.dtype)
         return x.to(q.dtype).transpose(1, 2)
 
     keys = torch.arange(nb * block_size, device=q.device)
@@ -442,13 +488,22 @@ def _paged_attention_cpu(q, k_pool, v_pool, block_table, seq_lens, scale, is_cau
     if is_causal:
         last = lens[:, None, None] - lq + torch.arange(lq, device=q.device)[:, None]
         keep = keep & (keys <= last)  # [B, Lq, Lk]
+    # SDPA takes one mask: the model's, cut to the gathered keys, with ours folded in (as -inf
+    # into an additive one, which SDPA wants in q's dtype). Rows left with no key come out of
+    # SDPA as 0 (torch >= 2.5), from a bool mask and from an all -inf float one alike.
+    attn_mask = keep[:, None]
+    if mask is not None:
+        mask = mask[..., :nb * block_size]
+        attn_mask = (attn_mask & mask if mask.dtype == torch.bool
+                     else torch.where(attn_mask, mask.to(q.dtype), -math.inf))
     return torch.nn.functional.scaled_dot_product_attention(
-        q, gather(k_pool, k_scale), gather(v_pool, v_scale), attn_mask=keep[:, None],
+        q, gather(k_pool, k_scale), gather(v_pool, v_scale), attn_mask=attn_mask,
         scale=scale, enable_gqa=hq != hkv).contiguous()
 
 
 @paged_attention.register_fake
 def _(q, k_pool, v_pool, block_table, seq_lens, scale, is_causal=True, impl="auto",
-      k_scale=None, v_scale=None):
-    reference.check_paged_attention(q, k_pool, v_pool, block_table, seq_lens, k_scale, v_scale)
+      k_scale=None, v_scale=None, mask=None):
+    reference.check_paged_attention(q, k_pool, v_pool, block_table, seq_lens, k_scale, v_scale,
+                                    mask)
     return q.new_empty((*q.shape[:3], v_pool.shape[3]))

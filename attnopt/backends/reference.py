@@ -340,7 +340,7 @@ def moe_backward(grad: Tensor, x: Tensor, topk_ids: Tensor, topk_weights: Tensor
 
 def check_paged_attention(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_table: Tensor,
                           seq_lens: Tensor, k_scale: Tensor | None = None,
-                          v_scale: Tensor | None = None) -> None:
+                          v_scale: Tensor | None = None, mask: Tensor | None = None) -> None:
     """The checks of `paged_attention` that need no look at the data (shapes and dtypes): every
     path runs them, the fake implementation too."""
     if q.dim() != 4 or q.dtype not in (torch.float16, torch.bfloat16, torch.float32,
@@ -376,6 +376,19 @@ def check_paged_attention(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_table
     if seq_lens.shape != (b,) or seq_lens.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"seq_lens must be [B={b}] int32, got {seq_lens.dtype} "
                          f"{tuple(seq_lens.shape)}")
+    if mask is not None:
+        if mask.dtype != torch.bool and not mask.dtype.is_floating_point:
+            raise ValueError(f"mask must be bool (True = attend) or floating (added to the "
+                             f"scores), got {mask.dtype}")
+        # Key j of the mask is each sequence's j-th cached token, up to the table's capacity:
+        # its last dim cannot follow the longest sequence without reading seq_lens.
+        want = (b, hq, q.shape[2], block_table.shape[1] * k_pool.shape[1])
+        if mask.dim() != 4 or mask.shape[3] != want[3] or any(
+                n not in (1, w) for n, w in zip(mask.shape[:3], want[:3], strict=True)):
+            raise ValueError(f"mask must be [B, Hq, Lq, max_blocks · block_size] = {list(want)}"
+                             f", dims of size 1 broadcasting but the last: one column per slot "
+                             f"of the block table (its capacity, not the longest sequence), got "
+                             f"{tuple(mask.shape)}")
 
 
 def dequantize_kv(x: Tensor, scale: Tensor | None, dtype: torch.dtype) -> Tensor:
@@ -410,6 +423,7 @@ def paged_attention(
     is_causal: bool = True,
     k_scale: Tensor | None = None,
     v_scale: Tensor | None = None,
+    mask: Tensor | None = None,
 ) -> Tensor:
     """Attention of Lq new queries over a paged KV cache, sequence by sequence.
 
@@ -423,18 +437,27 @@ def paged_attention(
     - Grouped-query attention: query head h reads KV head h // (Hq // Hkv).
     - `is_causal`: bottom-right aligned against each sequence's own length: query i of
       sequence b sees keys j <= seq_lens[b] - Lq + i; otherwise all of j < seq_lens[b].
-      Rows that see no key (seq_lens[b] = 0, or seq_lens[b] < Lq with is_causal) give 0.
+    - `mask` (optional: the model's own, for left padding, sliding windows, ...) broadcasts to
+      [B, Hq, Lq, max_blocks · block_size]: row i is query i (the token at position
+      seq_lens[b] - Lq + i), column j the sequence's j-th cached token. Its last dim is the
+      block table's capacity whatever the lengths; its other dims may be 1. It applies on top
+      of the lengths and `is_causal`: a bool mask keeps the keys where it is True, a floating
+      one is added to the scaled scores (in the compute precision below). Columns at or past
+      seq_lens[b] are never read.
+    - Rows that see no key (seq_lens[b] = 0, seq_lens[b] < Lq with is_causal, or a mask that
+      drops every key left) give 0.
     - int8 pools (k_pool and v_pool int8, with float32 k_scale and v_scale [num_blocks,
       block_size, Hkv]: one scale per cached token and KV head) stand for
       `dequantize_kv(pool, scale, q.dtype)`.
     - Computed as `attention` on the gathered K/V: in fp32 (fp64 for fp64 q); the result is a
       contiguous [B, Hq, Lq, Dv] in q's dtype.
     """
-    check_paged_attention(q, k_pool, v_pool, block_table, seq_lens, k_scale, v_scale)
+    check_paged_attention(q, k_pool, v_pool, block_table, seq_lens, k_scale, v_scale, mask)
     b, hq, lq, _ = q.shape
     out = q.new_empty((b, hq, lq, v_pool.shape[3]))
     for i, length in enumerate(seq_lens.tolist()):
         k = paged_kv(k_pool, k_scale, block_table[i], length, q.dtype)
         v = paged_kv(v_pool, v_scale, block_table[i], length, q.dtype)
-        out[i] = attention(q[i:i + 1], k[None], v[None], None, is_causal, scale)[0]
+        m = None if mask is None else mask.expand(b, -1, -1, -1)[i:i + 1, ..., :length]
+        out[i] = attention(q[i:i + 1], k[None], v[None], m, is_causal, scale)[0]
     return out

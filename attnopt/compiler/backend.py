@@ -22,6 +22,7 @@ from attnopt.backends.ops import inductor_decompositions, triton_usable
 from attnopt.compiler.capture import capture, per_parameter_set
 from attnopt.compiler.options import Options
 from attnopt.compiler.pipeline import run_pipeline
+from attnopt.compiler.reinplace import reinplace_input_updates
 from attnopt.compiler.report import CompileReport, add_report, next_graph_id
 from attnopt.passes import PIPELINE
 
@@ -82,6 +83,9 @@ def _check_kernels(opts: Options, example_inputs: list) -> None:
 def _inner_compile(aten: fx.GraphModule, args: list, opts: Options, report: CompileReport, *,
                    is_backward: bool, inference: bool) -> Callable:
     if opts.inner == "eager":
+        updates = reinplace_input_updates(aten)
+        if updates:
+            report.notes.append(f"inner eager: {updates} input updates written in place")
         return make_boxed_func(aten.forward)
     from torch._inductor.compile_fx import compile_fx_inner
 

@@ -3,7 +3,10 @@ against `reference.paged_attention` in float64. Block tables are random permutat
 pool's blocks (non-contiguous, shuffled), their entries past each sequence's end hold an
 out-of-range id that must never be read, and lengths are ragged: 1, multiples of the block size,
 one past a multiple. Without a GPU the kernel runs under TRITON_INTERPRET=1, so shapes are tiny
-and chunks short, to reach several chunks per sequence."""
+and chunks short, to reach several chunks per sequence. Masks are the model's own, one column
+per slot of the block table: left padding, sliding windows, random per-head masks."""
+
+import math
 
 import pytest
 import torch
@@ -51,6 +54,28 @@ def expected(args, is_causal):
     if a["k_pool"].dtype != torch.int8:
         a["k_pool"], a["v_pool"] = a["k_pool"].double(), a["v_pool"].double()
     return reference.paged_attention(scale=0.3, is_causal=is_causal, **a)
+
+
+def capacity(args):
+    return args["block_table"].shape[1] * args["k_pool"].shape[1]
+
+
+def query_positions(args):
+    """[B, 1, Lq, 1]: query i of sequence b is its token seq_lens[b] - Lq + i."""
+    lq = args["q"].shape[2]
+    return (args["seq_lens"].long()[:, None] - lq + torch.arange(lq, device=DEVICE))[
+        :, None, :, None]
+
+
+def masked(args, keep, fill=None):
+    """args with the mask `keep` (True = attend, broadcasting to [B, Hq, Lq, capacity]): as
+    is, or given `fill`, additive in q's dtype (0 where kept, `fill` elsewhere; "min" stands
+    for the dtype's finfo.min, the fill transformers uses)."""
+    if fill is not None:
+        dtype = args["q"].dtype
+        keep = torch.zeros(keep.shape, dtype=dtype, device=DEVICE).masked_fill(
+            ~keep, torch.finfo(dtype).min if fill == "min" else fill)
+    return dict(args, mask=keep)
 
 
 def check(args, is_causal=True, cpu=True, **kw):
@@ -139,23 +164,115 @@ def test_strided_q_and_head_major_pool_and_value_dim():
     check(args, split_len=16, block_n=16)
 
 
+FILLS = {"bool": None, "-inf": -math.inf, "finfo.min": "min"}
+# finfo.min · log2(e) overflows to -inf in the kernel, as it should (see the kernel's
+# docstring); the interpreter's numpy says so, the GPU does not.
+OVERFLOW_OK = pytest.mark.filterwarnings("ignore:overflow encountered in multiply")
+
+
+@OVERFLOW_OK
+@pytest.mark.parametrize("dtype", list(TOL))
+@pytest.mark.parametrize("fill", FILLS.values(), ids=FILLS.keys())
+@pytest.mark.parametrize("lq", [1, 3])
+def test_left_padding(dtype, fill, lq):
+    # Batched generation from left-padded prompts: the first pad[b] cached tokens of sequence b
+    # are padding, masked for every head and query ([B, 1, 1, capacity]); the rows still see a
+    # key, so a finfo.min fill gives what -inf gives. Pads reach past a chunk of 16 keys.
+    args = paged([5, 16, 17, 40], lq=lq, d=32, dtype=dtype)
+    pad = torch.tensor([2, 0, 9, 21], device=DEVICE)[:, None, None, None]
+    keep = torch.arange(capacity(args), device=DEVICE) >= pad
+    check(masked(args, keep, fill), split_len=16, block_n=16)
+
+
+@OVERFLOW_OK
+@pytest.mark.parametrize("fill", FILLS.values(), ids=FILLS.keys())
+@pytest.mark.parametrize("lq", [1, 3])
+def test_sliding_window(fill, lq):
+    # Query at position t sees keys t - 4 < j <= t ([B, 1, Lq, capacity], causal on top): the
+    # earlier chunks hold no key of the window, so each row merges -inf chunks with real ones.
+    args = paged([1, 9, 20, 33], lq=lq, d=32)
+    keep = torch.arange(capacity(args), device=DEVICE) > query_positions(args) - 4
+    check(masked(args, keep, fill), split_len=16, block_n=16)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1), (3, 1, 1), (1, 4, 1), (3, 1, 3), (3, 4, 3)],
+                         ids=str)
+def test_mask_broadcasts(shape):
+    # A random bool mask and a random additive one (scores shifted by N(0, 1), 20% -inf),
+    # broadcast over what is 1 in [B, Hq, Lq]; non-causal, so every key of a row is a candidate.
+    args = paged([7, 16, 30], lq=3, d=32)
+    size = (*shape, capacity(args))
+    check(masked(args, torch.rand(size, device=DEVICE) < 0.6), is_causal=False, split_len=16,
+          block_n=16)
+    bias = torch.randn(size, device=DEVICE).masked_fill(torch.rand(size, device=DEVICE) < 0.2,
+                                                        -math.inf)
+    check(dict(args, mask=bias), is_causal=False, split_len=16, block_n=16)
+
+
+@OVERFLOW_OK
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("fill", FILLS.values(), ids=FILLS.keys())
+def test_int8_pools_with_a_mask(dtype, fill):
+    # Per-head masks over dequantized K/V; the newest key stays visible for every row.
+    args = paged([4, 16, 25], lq=2, d=32, dtype=dtype, int8=True)
+    cols = torch.arange(capacity(args), device=DEVICE)
+    keep = (torch.rand(3, 4, 1, capacity(args), device=DEVICE) < 0.5) | (
+        cols == query_positions(args))
+    check(masked(args, keep, fill), split_len=16, block_n=16)
+
+
+@pytest.mark.parametrize("fill", [None, -math.inf], ids=["bool", "-inf"])
+def test_rows_masked_everywhere_give_zero(fill):
+    # Query row 0 of sequence 0 and every row of head 1 of sequence 2 keep no key: they give 0,
+    # not NaN, in the kernel (each of their chunks stores lse = -inf) and on the CPU path.
+    args = paged([6, 20, 35], lq=2, d=32)
+    keep = torch.ones(3, 4, 2, capacity(args), dtype=torch.bool, device=DEVICE)
+    keep[0, :, 0] = False
+    keep[2, 1] = False
+    args = masked(args, keep, fill)
+    got = check(args, split_len=16, block_n=16)
+    cpu = ops.paged_attention(scale=0.3, **args)
+    for out in (got, cpu):
+        assert (out[0, :, 0] == 0).all() and (out[2, 1] == 0).all()
+        assert out[0, :, 1].abs().amax() > 0 and out[2, 0].abs().amax() > 0
+
+
+@OVERFLOW_OK
+def test_finfo_min_everywhere_gives_zero_in_the_kernel():
+    # finfo(float32).min · log2(e) overflows to -inf in the kernel: a row whose every key is so
+    # masked gives 0 (where the reference averages V over those keys), with no NaN or inf.
+    args = paged([6, 20], lq=1, d=32)
+    keep = torch.ones(2, 4, 1, capacity(args), dtype=torch.bool, device=DEVICE)
+    keep[1, 2] = False
+    args = masked(args, keep, "min")
+    got = kernel.paged_attention(scale=0.3, split_len=16, block_n=16, **args)
+    assert got.isfinite().all() and (got[1, 2] == 0).all()
+    rows = [(0, h) for h in range(4)] + [(1, h) for h in (0, 1, 3)]
+    want = expected(args, True)
+    torch.testing.assert_close(torch.stack([got[r] for r in rows]).double(),
+                               torch.stack([want[r] for r in rows]), rtol=2e-5, atol=2e-5)
+
+
 def test_op_dispatch_and_fake():
     args = paged([3, 11], d=32)
-    want = expected(args, True)
-    for impl in ("reference", "auto", "triton"):
-        got = torch.ops.attnopt.paged_attention(scale=0.3, impl=impl, **args)
-        torch.testing.assert_close(got.double(), want, rtol=2e-5, atol=2e-5)
-    with torch._subclasses.FakeTensorMode() as mode:
-        fake = {k: mode.from_tensor(v) for k, v in args.items()}
-        out = torch.ops.attnopt.paged_attention(scale=0.3, **fake)
-    assert out.shape == args["q"].shape and out.dtype == args["q"].dtype
-    # Schema, fake implementation and tracing, on the CPU path, int8 pools too.
+    keep = torch.rand(2, 1, 2, capacity(args), device=DEVICE) < 0.7
+    with_masks = (args, masked(args, keep), masked(args, keep, -math.inf))
+    for a in with_masks:
+        want = expected(a, True)
+        for impl in ("reference", "auto", "triton"):
+            got = torch.ops.attnopt.paged_attention(scale=0.3, impl=impl, **a)
+            torch.testing.assert_close(got.double(), want, rtol=2e-5, atol=2e-5)
+        with torch._subclasses.FakeTensorMode() as mode:
+            fake = {k: mode.from_tensor(v) for k, v in a.items()}
+            out = torch.ops.attnopt.paged_attention(scale=0.3, **fake)
+        assert out.shape == args["q"].shape and out.dtype == args["q"].dtype
+    # Schema, fake implementation and tracing, on the CPU path, int8 pools and masks too.
     quant = paged([3, 11], d=32, int8=True)
-    for a in (args, quant):
+    for a in (*with_masks, quant, masked(quant, keep, -math.inf)):
         positional = [a[k] for k in ("q", "k_pool", "v_pool", "block_table", "seq_lens")]
-        scales = {k: a[k] for k in ("k_scale", "v_scale") if k in a}
+        optional = {k: a[k] for k in ("k_scale", "v_scale", "mask") if k in a}
         torch.library.opcheck(torch.ops.attnopt.paged_attention.default, (*positional, 0.3),
-                              scales)
+                              optional)
 
 
 def test_bad_arguments_are_refused():
@@ -166,6 +283,15 @@ def test_bad_arguments_are_refused():
         ops.paged_attention(scale=0.3, **dict(args, q=args["q"][:, :3]))
     with pytest.raises(ValueError, match="seq_lens"):
         ops.paged_attention(scale=0.3, **dict(args, seq_lens=args["seq_lens"].float()))
+    # The mask's last dim is the table's capacity (16 here), not the sequence's length (3).
+    keep = torch.ones(1, 1, 1, capacity(args), dtype=torch.bool, device=DEVICE)
+    for bad in (keep[..., :3], keep[..., :-1]):
+        with pytest.raises(ValueError, match=r"capacity, not the longest sequence\), got "
+                                             rf"\(1, 1, 1, {bad.shape[-1]}\)"):
+            ops.paged_attention(scale=0.3, **masked(args, bad))
+    for bad in (keep[0], keep.expand(2, 1, 1, -1), keep.expand(1, 3, 1, -1), keep.int()):
+        with pytest.raises(ValueError, match="mask must"):
+            kernel.paged_attention(scale=0.3, **masked(args, bad))
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="full sizes need a GPU")

@@ -28,6 +28,15 @@ wider than the sequences costs only programs that exit at once and a larger part
 int8 pools are dequantized in registers: each tile of int8 codes is multiplied by its per
 (token, head) fp32 scales and rounded to q's dtype before the products, exactly as
 `reference.dequantize_kv` states.
+
+The model's mask (optional) is read through the strides of its broadcast view [B, Hq, Lq,
+max_blocks · block_size] (stride 0 on broadcast dims): for each tile the split phase loads
+mask[b, h, i, cols] for its (query head h, query row i) pairs and its keys, never a column at
+or past the sequence's end. A bool mask drops keys; an additive one is added to the base-2
+scores as mask · log2(e). A chunk in which a row keeps no finite score stores o_s = 0 and
+lse_s = -inf, so a row masked everywhere gives 0. finfo(float32).min · log2(e) overflows to
+-inf, so that fill acts as -inf: the same output wherever a row keeps a key, and 0 for a row
+that keeps none, where the reference averages V over the fully masked keys.
 """
 
 from __future__ import annotations
@@ -66,9 +75,10 @@ def _paged_split_kernel(
     q, sqb, sqh, sqm, sqd,
     k_pool, skb, skn, skh, skd, v_pool, svb, svn, svh, svd,
     k_scale, sksb, sksn, sksh, v_scale, svsb, svsn, svsh,
-    block_table, stb, stj, seq_lens,
+    block_table, stb, stj, seq_lens, mask, smb, smh, smm, smn,
     Hq, Hkv, Lq, D, Dv, block_size, num_splits, qk_scale,
-    IS_CAUSAL: tl.constexpr, QUANTIZED: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+    HAS_MASK: tl.constexpr, BOOL_MASK: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    QUANTIZED: tl.constexpr, DOT_IN_FP32: tl.constexpr,
     SPLIT_LEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
@@ -98,6 +108,7 @@ def _paged_split_kernel(
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         table_row = block_table + b * stb
+        mask_rows = mask + b * smb + h * smh + q_pos * smm  # row i of query head h's mask
         for start in range(lo, hi, BLOCK_N):
             cols = start + offs_n
             key_ok = cols < hi
@@ -109,6 +120,13 @@ def _paged_split_kernel(
                                   sksb, sksn, sksh, offs_d, key_ok, D, q_blk.dtype, QUANTIZED)
             s = _dot(q_blk, tl.trans(k_blk), DOT_IN_FP32) * qk_scale
             keep = key_ok[None, :]
+            if HAS_MASK:
+                mk = tl.load(mask_rows[:, None] + cols[None, :] * smn,
+                             mask=row_ok[:, None] & key_ok[None, :], other=0)
+                if BOOL_MASK:
+                    keep = keep & (mk != 0)
+                else:  # s is in base 2: e^(x + m) = 2^(x · log2(e) + m · log2(e))
+                    s += mk.to(tl.float32) * LOG2E
             if IS_CAUSAL:
                 keep = keep & (cols[None, :] <= q_pos[:, None] + (seq_len - Lq))
             s = tl.where(keep, s, float("-inf"))
@@ -180,6 +198,7 @@ def paged_attention(
     is_causal: bool = True,
     k_scale: Tensor | None = None,
     v_scale: Tensor | None = None,
+    mask: Tensor | None = None,
     *,
     split_len: int | None = None,
     block_m: int | None = None,
@@ -192,7 +211,8 @@ def paged_attention(
     lets tests reach every path on tiny shapes. Every power of two from 16 up is a valid
     block_m / block_n; split_len is rounded up to a multiple of block_n.
     """
-    reference.check_paged_attention(q, k_pool, v_pool, block_table, seq_lens, k_scale, v_scale)
+    reference.check_paged_attention(q, k_pool, v_pool, block_table, seq_lens, k_scale, v_scale,
+                                    mask)
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise TypeError(f"paged attention kernel supports fp16, bf16 and fp32, got {q.dtype}")
     b, hq, lq, d = q.shape
@@ -212,10 +232,13 @@ def paged_attention(
     # Without int8 the scale pointers are unused: any tensor with zero strides will do.
     ks = (k_scale, *k_scale.stride()) if quantized else (q, 0, 0, 0)
     vs = (v_scale, *v_scale.stride()) if quantized else (q, 0, 0, 0)
+    # The mask is read through the strides of its broadcast view: stride 0 on broadcast dims.
+    ms = (q, 0, 0, 0, 0) if mask is None else (mask, *mask.expand(b, hq, lq, -1).stride())
     _paged_split_kernel[(b * hkv, num_splits, triton.cdiv(rows, bm))](
         o_part, lse_part, q, *q.stride(), k_pool, *k_pool.stride(), v_pool, *v_pool.stride(),
-        *ks, *vs, block_table, *block_table.stride(), seq_lens,
+        *ks, *vs, block_table, *block_table.stride(), seq_lens, *ms,
         hq, hkv, lq, d, dv, block_size, num_splits, float(scale) * LOG2E.value,
+        HAS_MASK=mask is not None, BOOL_MASK=mask is not None and mask.dtype == torch.bool,
         IS_CAUSAL=bool(is_causal), QUANTIZED=quantized,
         DOT_IN_FP32=interpreting() and q.dtype == torch.bfloat16, SPLIT_LEN=chunk,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=triton.next_power_of_2(d),
