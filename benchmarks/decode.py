@@ -12,8 +12,8 @@ size them. For each context length L: prefill L random tokens, then time `--step
 each method's ratio to eager and attnopt's to static+compile, and each decode step's logits
 against eager's (max |Δ|) — a method that is fast but wrong shows here. "graphs" is the number
 of graphs Dynamo compiled for the whole run, all lengths (prefill graphs included): decoding must
-add none as the context grows. "cache MiB" / "ideal MiB" compare what each cache holds at the
-end of the longest context with exactly what its tokens take.
+add none as the context grows. "cache MiB" / "ideal MiB" compare what each cache holds after
+the timed steps with exactly what its tokens take.
 
     python -m benchmarks.decode                   # CPU: a small Llama, contexts up to 2k
     python -m benchmarks.decode --model 1b        # GPU: a 1B-class Llama, contexts up to 32k
@@ -126,7 +126,8 @@ def main() -> None:
     tokens = tokens.to(device)
 
     results: dict[str, dict[int, tuple[float, list[torch.Tensor]]]] = {}
-    graphs, memory = {}, {}
+    graphs: dict[str, int] = {}
+    memory: dict[tuple[str, int], tuple[float, float]] = {}
     for method in METHODS:
         torch._dynamo.reset()
         counters.clear()
@@ -138,8 +139,8 @@ def main() -> None:
             cache = new_cache()
             times, logits = decode(forward, cache, tokens, context, steps)
             results[method][context] = (statistics.median(times), logits)
+            memory[method, context] = cache_bytes(cache)
         graphs[method] = counters["stats"]["unique_graphs"]
-        memory[method] = cache_bytes(cache)
         print(f"{method}: done ({graphs[method]} graphs)", flush=True)
 
     rows = []
@@ -155,8 +156,8 @@ def main() -> None:
                 "tokens/s": 1e3 * args.batch / ms, "vs eager": eager_ms / ms,
                 "vs static+compile": static_ms / ms, "max |Δlogit|": f"{err:.1e}",
                 "graphs": graphs[method] if context == contexts[-1] else "",
-                "cache MiB": memory[method][0] if context == contexts[-1] else "",
-                "ideal MiB": memory[method][1] if context == contexts[-1] else "",
+                "cache MiB": memory[method, context][0],
+                "ideal MiB": memory[method, context][1],
             })
     columns = ["context", "method", "ms/token", "tokens/s", "vs eager", "vs static+compile",
                "max |Δlogit|", "graphs", "cache MiB", "ideal MiB"]
