@@ -34,6 +34,10 @@ def _timed_compile(fn: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, float]
 
 def run_demo(args: argparse.Namespace) -> int:
     console = Console()
+    if args.generate:
+        from attnopt.demo_decode import run_decode_demo
+
+        return run_decode_demo(args, console)
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
     model = TinyLlama(LlamaConfig(num_layers=args.layers)).to(dtype).eval()

@@ -68,6 +68,15 @@ def test_demo_reports_rewrites_error_and_timings(tmp_path):
     assert (tmp_path / "graph0.html").exists()
 
 
+def test_demo_generate_gives_eager_tokens_without_recompiling(capsys):
+    status, out, _ = run(capsys, "demo", "--generate", 6, "--seq", 12, "--batch", 2,
+                         "--inner", "eager")
+    assert status == 0, out
+    assert "greedy tokens equal to eager's: yes" in out and "graphs compiled: 2 " in out
+    assert "kv_cache=4" in out  # two layers, in the prefill and in the decode graph
+    assert "attnopt (PagedKVCache, inner=eager)" in out
+
+
 # --- models on disk --------------------------------------------------------------------------
 
 transformers = pytest.importorskip("transformers")

@@ -99,6 +99,10 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     demo.add_argument("--no-baseline", action="store_true",
                       help="skip the default torch.compile baseline (saves its compile time)")
     demo.add_argument("--runs", type=int, default=20, help="timed runs per variant (default 20)")
+    demo.add_argument("--generate", type=int, metavar="N", default=0,
+                      help="instead, generate N tokens greedily from --batch prompts of --seq "
+                      "tokens with a transformers Llama: eager against attnopt with "
+                      "PagedKVCache (tokens, time per token, graphs compiled, cache memory)")
 
 
 def _add_quantize(sub: argparse._SubParsersAction) -> None:
