@@ -147,7 +147,7 @@ def check(m: Match, ctx) -> str | None:
     if m["is_causal"]:
         return "is_causal over the cache's capacity is not a causal mask over the cached tokens"
     k, mask = m["k"].meta["val"], m["mask"].meta["val"]
-    if mask.shape[-1] != k.shape[2]:
+    if not layout.same(mask.shape[-1], k.shape[2]):
         return f"the mask's key dim ({mask.shape[-1]}) does not span the cache ({k.shape[2]})"
     return None
 
