@@ -124,7 +124,10 @@ def make_bad_files(tmp_path):
     (tmp_path / "exists").mkdir()
     (tmp_path / "blank.txt").write_text("\n  \n")
     (tmp_path / "factories.py").write_text(
-        "import torch\nnumber = 3\ndef wrong():\n    return torch.nn.Linear(2, 2)\n")
+        "import torch\nnumber = 3\ndef wrong():\n    return torch.nn.Linear(2, 2)\n"
+        "class Embed(torch.nn.Embedding):\n    def forward(self, input_ids):\n"
+        "        return super().forward(input_ids)\n"
+        "def encoder():\n    return Embed(8, 4), {'input_ids': torch.zeros(2, 3).long()}\n")
 
 
 def bad_inputs(t, llama_dir):
@@ -143,6 +146,9 @@ def bad_inputs(t, llama_dir):
         "factory not callable": (["diff", "factories:number"], "not a callable"),
         "factory returns no pair": (["diff", "factories:wrong"],
                                     "the factory returned a value of type Linear"),
+        "with past on no decoder": (["export", "factories:encoder", "-o", t / "m.onnx",
+                                     "--with-past"], "--with-past: Embed.forward takes no "
+                                    "attention_mask, position_ids, past_key_values, use_cache"),
         "output not .onnx": (["export", llama_dir, "-o", t / "m.txt"], "must be a file ending "
                              "in .onnx"),
         "output exists": (["export", llama_dir, "-o", t / "exists.onnx"],
@@ -211,6 +217,23 @@ def test_export_llama_int4_verified_in_onnx_runtime(capsys, tmp_path, llama_dir)
     assert out.read_bytes()[:2] != b"an" and not leftovers(tmp_path)
     assert "attention=2" in text and "w4a16_linear=14" in text and "linear_fusion=4" in text
     assert "verified" in text and "attnopt in PyTorch" in text and "eager PyTorch" in text
+
+
+@pytest.mark.slow
+def test_export_with_past_verified_in_onnx_runtime(capsys, tmp_path, llama_dir):
+    import onnx
+
+    out = tmp_path / "decoder.onnx"
+    status, text, err = run(capsys, "export", llama_dir, "-o", out, "--with-past", "--verify")
+    assert status == 0, text + err
+    assert "attention=2" in text and "kv_cache=2" in text and "verified" in text
+    assert "past_key_values 4 x [3, 2, 11, 16]" in text  # the step after the verify prompt
+    graph = onnx.load(out).graph
+    layers = [f"{i}.{kv}" for i in range(2) for kv in ("key", "value")]
+    assert [i.name for i in graph.input] == ["input_ids", "attention_mask", "position_ids",
+                                             *(f"past_key_values.{n}" for n in layers)]
+    assert [o.name for o in graph.output] == ["logits", *(f"present.{n}" for n in layers)]
+    assert [n.op_type for n in graph.node].count("Attention") == 2
 
 
 @pytest.mark.slow

@@ -12,8 +12,15 @@ CPU provider against `backends/reference.py` by tests/backends/test_onnx.py):
   or hand-written MatMul/Softmax chain is needed. Two adapters: its `is_causal` aligns the
   diagonal to the past cache (top-left without one), ours bottom-right, so the flag is set only
   when Lq == Lk is known at export time and otherwise the bottom-right mask is built from the
-  runtime sizes and combined with the mask; and ORT wants the mask's query dim spelled out, so a
-  mask that broadcasts over queries is expanded to [..., Lq, Lk].
+  runtime sizes and combined with the mask; and ORT wants the mask's query and key dims spelled
+  out, so a mask that broadcasts over queries (or keys) is expanded to [..., Lq, Lk].
+- `attnopt::attention_with_past` -> the same `Attention` with its `past_key`/`past_value`
+  inputs and its `present_key`/`present_value` outputs, which ORT concatenates itself (an empty
+  past too), so the graph holds no Concat of the cache. With a past, ORT's causal diagonal is
+  offset by the past's length (query i sees keys up to P + i, checked against the reference):
+  ours, bottom-right over the P + Lk present keys, when the new keys are as many as the queries,
+  so the flag is set when that is known at export and the mask is built otherwise, as for
+  `attention`. The mask must span the present keys ([..., Lq, P + Lk]; the same expansion).
 - `attnopt::softmax` -> `Softmax` over the one axis, with its pre-ops as Mul / Add / Where and
   the fp32 upcast and cast back as Casts, in the order `reference.softmax` applies them.
 - `attnopt::w4a16_linear` -> ORT's `com.microsoft::MatMulNBits` (bits=4). Our packed weight
@@ -153,45 +160,69 @@ def softmax(x: Tensor, dim: int, scale: float, bias: Tensor | None, mask: Tensor
 
 
 def _length(x: Tensor) -> Tensor:
-    """x.shape[2] (the sequence length of [B, H, L, D]) as a scalar, read at run time."""
-    return op.Squeeze(op.Shape(x, start=2, end=3))
+    """x.shape[2:3] (the sequence length of [B, H, L, D]) as a 1-D tensor, read at run time."""
+    return op.Shape(x, start=2, end=3)
 
 
-def _bottom_right_causal(q: Tensor, k: Tensor) -> Tensor:
+def _bottom_right_causal(lq: Tensor, lk: Tensor) -> Tensor:
     """[Lq, Lk] boolean: query i may attend key j iff j <= i + (Lk - Lq)."""
-    lq, lk = _length(q), _length(k)
+    lq, lk = op.Squeeze(lq), op.Squeeze(lk)
     zero, one = op.Constant(value_int=0), op.Constant(value_int=1)
     rows = op.Add(op.Range(zero, lq, one), op.Sub(lk, lq))
     cols = op.Range(zero, lk, one)
     return op.LessOrEqual(op.Unsqueeze(cols, _ints(0)), op.Unsqueeze(rows, _ints(1)))
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool,
-              scale: float, impl: str = "auto") -> Tensor:
-    """softmax(q @ kᵀ * scale + mask) @ v with GQA, bottom-right causal (`reference.attention`)."""
+def _ort_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool,
+                   scale: float, past_k: Tensor | None = None, past_v: Tensor | None = None
+                   ) -> tuple[Tensor, ...]:
+    """ORT's `Attention` over the keys cat([past_k, k]) (k alone without a past), with our mask
+    and causal conventions; all its outputs (Y, present_key, present_value, scores)."""
     # Values made here have no dtype or shape until ONNX shape inference: read the inputs'.
+    lq = _length(q)
+    lk = _length(k) if past_k is None else op.Add(_length(past_k), _length(k))
     boolean = mask is not None and mask.dtype == ir.DataType.BOOL
     if mask is not None:
         rank = len(mask.shape)
-        needs_rows = rank < 2 or not _known_equal(mask.shape[-2], q.shape[2])
+        # ORT wants the mask's query and key dims spelled out: [..., Lq, Lk].
+        broadcasts = (rank < 2 or not _known_equal(mask.shape[-2], q.shape[2])
+                      or _static(mask.shape[-1]) == 1)
         if not boolean:
             mask = _cast(mask, q.dtype)  # ORT adds a float mask in the inputs' type
-        if needs_rows:  # Expand to [1, ..., Lq, Lk]: the leading dims broadcast as they were
-            lengths = [op.Shape(q, start=2, end=3), op.Shape(k, start=2, end=3)]
+        if broadcasts:  # Expand to [1, ..., Lq, Lk]: the leading dims broadcast as they were
             ones = [_ints(*[1] * (rank - 2))] if rank > 2 else []
-            mask = op.Expand(mask, op.Concat(*ones, *lengths, axis=0))
-    square = _known_equal(q.shape[2], k.shape[2])
-    if is_causal and not square:
-        keep = _bottom_right_causal(q, k)
+            mask = op.Expand(mask, op.Concat(*ones, lq, lk, axis=0))
+    # ORT's causal diagonal ends at the past's length plus the query's index: ours (the last
+    # key's) where the new keys are as many as the queries.
+    aligned = _known_equal(q.shape[2], k.shape[2])
+    if is_causal and not aligned:
+        keep = _bottom_right_causal(lq, lk)
         if mask is None:
             mask = keep
         elif boolean:
             mask = op.And(mask, keep)
         else:
             mask = op.Where(keep, mask, _scalar(-math.inf, q.dtype))
-    # Attention also has optional outputs (present K/V, the scores); `optimize` drops them.
-    return op.Attention(q, k, v, mask, is_causal=int(is_causal and square), scale=scale)[0]
+    return op.Attention(q, k, v, mask, past_k, past_v, is_causal=int(is_causal and aligned),
+                        scale=scale)
 
+
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool,
+              scale: float, impl: str = "auto") -> Tensor:
+    """softmax(q @ kᵀ * scale + mask) @ v with GQA, bottom-right causal (`reference.attention`)."""
+    # Attention also has optional outputs (present K/V, the scores); `optimize` drops them.
+    return _ort_attention(q, k, v, mask, is_causal, scale)[0]
+
+
+
+def attention_with_past(q: Tensor, k: Tensor, v: Tensor, past_k: Tensor, past_v: Tensor,
+                        mask: Tensor | None, is_causal: bool, scale: float, impl: str = "auto"
+                        ) -> tuple[Tensor, Tensor, Tensor]:
+    """(out, present_k, present_v): `attention` over cat([past, new]) for K and V
+    (`reference.attention_with_past`), ORT concatenating the present itself."""
+    out, present_k, present_v, *_ = _ort_attention(q, k, v, mask, is_causal, scale, past_k,
+                                                   past_v)
+    return out, present_k, present_v
 
 # --- w4a16 linear ----------------------------------------------------------------------------
 
@@ -354,6 +385,7 @@ def moe_w4a16(x: Tensor, topk_ids: Tensor, topk_weights: Tensor, gate_up_qweight
 TRANSLATIONS = {
     torch.ops.attnopt.softmax.default: softmax,
     torch.ops.attnopt.attention.default: attention,
+    torch.ops.attnopt.attention_with_past.default: attention_with_past,
     torch.ops.attnopt.w4a16_linear.default: w4a16_linear,
     torch.ops.attnopt.moe.default: moe,
     torch.ops.attnopt.moe_w4a16.default: moe_w4a16,

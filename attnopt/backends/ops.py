@@ -507,3 +507,38 @@ def _(q, k_pool, v_pool, block_table, seq_lens, scale, is_causal=True, impl="aut
     reference.check_paged_attention(q, k_pool, v_pool, block_table, seq_lens, k_scale, v_scale,
                                     mask)
     return q.new_empty((*q.shape[:3], v_pool.shape[3]))
+
+
+# --- attention with past K/V (DynamicCache, for export) ----------------------------------------
+
+
+@torch.library.custom_op("attnopt::attention_with_past", mutates_args=())
+def attention_with_past(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    past_k: Tensor,
+    past_v: Tensor,
+    mask: Tensor | None,
+    is_causal: bool,
+    scale: float,
+    impl: str = "auto",
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(out, present_k, present_v): `attention` over present_k = cat([past_k, k], 2) and
+    present_v likewise, bottom-right causal over the present keys;
+    `reference.attention_with_past`. It exists for export: ONNX's Attention takes the past and
+    returns the present itself (`backends/onnx.py`), where transformers' DynamicCache step is a
+    concatenation beside the attention. Run in PyTorch the concatenation is a copy whatever
+    does it, so every path is the concatenation and then `attention`'s own path (SDPA on CPU,
+    the Triton kernel on CUDA). Inference only: no autograd formula."""
+    if impl == "reference":
+        return reference.attention_with_past(q, k, v, past_k, past_v, mask, is_causal, scale)
+    present_k, present_v = torch.cat((past_k, k), 2), torch.cat((past_v, v), 2)
+    return attention(q, present_k, present_v, mask, is_causal, scale, impl), present_k, present_v
+
+
+@attention_with_past.register_fake
+def _(q, k, v, past_k, past_v, mask, is_causal, scale, impl="auto"):
+    present_k = k.new_empty((*k.shape[:2], past_k.shape[2] + k.shape[2], k.shape[3]))
+    present_v = v.new_empty((*v.shape[:2], past_v.shape[2] + v.shape[2], v.shape[3]))
+    return q.new_empty((*q.shape[:-1], v.shape[-1])), present_k, present_v

@@ -461,3 +461,30 @@ def paged_attention(
         m = None if mask is None else mask.expand(b, -1, -1, -1)[i:i + 1, ..., :length]
         out[i] = attention(q[i:i + 1], k[None], v[None], m, is_causal, scale)[0]
     return out
+
+
+# --- attention with past K/V (a cache grown by concatenation) ---------------------------------
+
+
+def attention_with_past(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    past_k: Tensor,
+    past_v: Tensor,
+    mask: Tensor | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One step of attention over a KV cache that grows by concatenation (transformers'
+    DynamicCache): returns (out, present_k, present_v).
+
+    - present_k = cat([past_k, k], 2) and present_v = cat([past_v, v], 2), over past_k
+      [B, Hkv, P, D] and k [B, Hkv, Lk, D] (past_v, v: Dv); P may be 0.
+    - out = `attention(q, present_k, present_v, mask, is_causal, scale)`: the mask broadcasts
+      to [B, Hq, Lq, P + Lk] (the present keys), `is_causal` is bottom-right over them (query
+      i sees keys j <= i + P + Lk - Lq: with Lk = Lq the whole past and the new keys up to its
+      own), GQA as there.
+    """
+    present_k, present_v = torch.cat((past_k, k), 2), torch.cat((past_v, v), 2)
+    return attention(q, present_k, present_v, mask, is_causal, scale), present_k, present_v

@@ -10,6 +10,7 @@ from rich.markup import escape
 
 from attnopt.commands import UsageError, models, show, steps
 from attnopt.commands.outputs import check_target, publish, staged
+from attnopt.compiler import past
 
 
 def run(args: argparse.Namespace) -> int:
@@ -23,8 +24,11 @@ def run(args: argparse.Namespace) -> int:
                          "--quantize w4a16 or drop them")
     opts = steps.options(args)
     loaded = models.load(args.model)
-    console.print(f"[bold]attnopt export[/]: {escape(loaded.description)}")
-    rewritten = steps.rewrite(loaded, opts)
+    if args.with_past and (reason := past.unsupported(loaded.model)):
+        raise UsageError(f"--with-past: {reason}")
+    what = ", one decoding step with past K/V" if args.with_past else ""
+    console.print(f"[bold]attnopt export[/]: {escape(loaded.description)}{what}")
+    rewritten = steps.rewrite(loaded, opts, with_past=args.with_past)
     show.passes(console, rewritten.report)
     with staged(out) as tmp:
         steps.save_onnx(rewritten, tmp / out.name)

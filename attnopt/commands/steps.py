@@ -11,6 +11,7 @@ from attnopt.commands import CommandError, UsageError, describe
 from attnopt.commands.models import LoadedModel
 from attnopt.compiler.offline import Rewritten, rewrite_model
 from attnopt.compiler.options import Options
+from attnopt.compiler.past import DecoderWithPast
 from attnopt.compiler.verify import Verification, compare
 
 
@@ -29,9 +30,9 @@ def options(args: argparse.Namespace, **extra: Any) -> Options:
         raise UsageError(str(e).removeprefix("attnopt: ")) from None
 
 
-def rewrite(loaded: LoadedModel, opts: Options) -> Rewritten:
+def rewrite(loaded: LoadedModel, opts: Options, *, with_past: bool = False) -> Rewritten:
     try:
-        return rewrite_model(loaded.model, loaded.args, loaded.kwargs, opts)
+        return rewrite_model(loaded.model, loaded.args, loaded.kwargs, opts, with_past=with_past)
     except Exception as e:  # torch.export reports untraceable models with many exception types
         raise CommandError(
             f"torch.export could not capture {loaded.description} ({describe(e)}). attnopt "
@@ -51,10 +52,16 @@ def save_onnx(rewritten: Rewritten, path: Path) -> None:
 def verify(path: Path, rewritten: Rewritten, loaded: LoadedModel, eager: Any,
            *, quantized: bool) -> Verification:
     """Run the ONNX model on the inputs kept for verification against `eager` (the float
-    model) and the rewritten graph. Only the latter is checked when weights were quantized."""
+    model) and the rewritten graph. Only the latter is checked when weights were quantized.
+    A decoding step with past K/V runs as the step after the verification prompt, whose K/V
+    `eager` computes."""
+    args, kwargs = loaded.verify_args, loaded.verify_kwargs
+    if rewritten.step is not None:
+        eager = DecoderWithPast(eager)
+        args, kwargs = (), eager.inputs_after(args, kwargs)
     try:
-        return compare(path, rewritten.output_names, loaded.verify_args, loaded.verify_kwargs,
-                       eager, rewritten.module, check_eager=not quantized)
+        return compare(path, rewritten.output_names, args, kwargs, eager, rewritten.module,
+                       check_eager=not quantized)
     except Exception as e:  # ONNX Runtime raises its own error types
         raise CommandError(f"running {path.name} in ONNX Runtime failed ({describe(e)})"
                            ) from e

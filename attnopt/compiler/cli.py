@@ -41,9 +41,15 @@ EXPORT_EPILOG = """\
 Batch and sequence length stay dynamic in the ONNX model. attnopt ops become ONNX
 Attention (opset 23), Softmax and com.microsoft MatMulNBits (ONNX Runtime).
 
+With --with-past the model is one decoding step: inputs input_ids, attention_mask
+(past + new tokens), position_ids and past_key_values.{i}.key/.value per layer i,
+outputs logits and present.{i}.key/.value; each layer's attention is one ONNX
+Attention taking the past K/V and returning the present.
+
 examples:
   attnopt export ./tiny-llama -o llama.onnx
   attnopt export ./tiny-llama -o llama-int4.onnx --quantize w4a16 --group-size 64 --verify
+  attnopt export ./tiny-llama -o llama-decoder.onnx --with-past --verify
 """
 
 DIFF_EPILOG = """\
@@ -152,6 +158,11 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
                    help="with --quantize: quantization group along K (default 128)")
     _add_skip(e)
     _add_passes(e)
+    e.add_argument("--with-past", action="store_true",
+                   help="export one decoding step of a causal LM with its KV cache as inputs "
+                   "(past_key_values.{i}.key/.value) and outputs (present.{i}.key/.value); "
+                   "the example and --verify inputs are the steps after MODEL's example "
+                   "prompts")
     e.add_argument("--verify", action="store_true", help=VERIFY_HELP)
     e.add_argument("--force", action="store_true", help="replace FILE if it exists")
 

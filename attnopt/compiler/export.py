@@ -27,10 +27,14 @@ def export_onnx(
     args: tuple = (),
     kwargs: Mapping[str, Any] | None = None,
     options: Mapping[str, Any] | Options | None = None,
+    *,
+    with_past: bool = False,
 ) -> Rewritten:
     """Rewrite `model` with attnopt's passes (`rewrite_model`) and save it as ONNX at `path`.
-    Returns the rewrite, whose `report` says what each pass did."""
-    rewritten = rewrite_model(model, args, kwargs, options)
+    Returns the rewrite, whose `report` says what each pass did. `with_past`: export a
+    transformers causal LM's decoding step with its KV cache as inputs and outputs, given a
+    prompt as the inputs (`compiler/past.py`)."""
+    rewritten = rewrite_model(model, args, kwargs, options, with_past=with_past)
     save_onnx(rewritten, path)
     return rewritten
 
@@ -50,7 +54,8 @@ def save_onnx(rewritten: Rewritten, path: str | os.PathLike) -> Path:
                                       dynamic_shapes=rewritten.shapes, strict=False)
         onnx_program = torch.onnx.export(
             program, dynamo=True, custom_translation_table=TRANSLATIONS, opset_version=OPSET,
-            output_names=rewritten.output_names, optimize=False, verbose=False)
+            input_names=rewritten.input_names, output_names=rewritten.output_names,
+            optimize=False, verbose=False)
     optimize(onnx_program.model)
     onnx_program.save(Path(path))
     return Path(path)

@@ -21,6 +21,10 @@ the exported program is brought to that form first:
 Every tensor dim is exported as `Dim.AUTO`: dynamic where the model allows it (batch, sequence
 length), static where it does not. A size of 1 in an example input is specialised by
 torch.export, so give examples with at least two rows and two tokens.
+
+`with_past=True` exports a transformers causal LM's decoding step instead, its KV cache as
+inputs and outputs (`compiler/past.py`); the example inputs are then a prompt, whose K/V become
+the example past.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from torch.utils import _pytree as pytree
 
 from attnopt.backends import ops  # noqa: F401  (registers torch.ops.attnopt.*)
 from attnopt.compiler.options import Options
+from attnopt.compiler.past import DecoderWithPast
 from attnopt.compiler.pipeline import run_pipeline
 from attnopt.compiler.report import CompileReport, next_graph_id
 from attnopt.passes import PIPELINE
@@ -55,6 +60,10 @@ class Rewritten:
     kwargs: dict[str, Any]
     shapes: ShapesCollection = field(repr=False)  # the dynamic dims of those inputs
     output_names: list[str] = field(default_factory=list)  # one per output tensor, in order
+    input_names: list[str] | None = None  # one per input tensor; None: the forward's names
+    # with_past: the decoding step that was exported (`module` is called like it, on the
+    # inputs its `inputs_after` makes of a prompt); None otherwise.
+    step: DecoderWithPast | None = field(default=None, repr=False)
 
 
 def rewrite_model(
@@ -62,15 +71,26 @@ def rewrite_model(
     args: tuple = (),
     kwargs: Mapping[str, Any] | None = None,
     options: Mapping[str, Any] | Options | None = None,
+    *,
+    with_past: bool = False,
 ) -> Rewritten:
     """Export `model` (in eval mode, as inference is what this is for) on the example inputs,
     run attnopt's passes over its ATen graph and return the rewritten graph with its report
     (also written to `report_dir` if set). The options `inner` and `verify` belong to the
     backend and are not used: nothing compiles the graph afterwards, and the offline check is
-    ONNX Runtime against PyTorch (`compiler/verify.py`)."""
+    ONNX Runtime against PyTorch (`compiler/verify.py`).
+
+    `with_past`: `model` is a transformers causal LM and the inputs a prompt; what is exported
+    is the decoding step after it, the KV cache as tensors (`compiler/past.py`)."""
     opts = Options.parse(options)
     kwargs = dict(kwargs or {})
-    shapes = dynamic_dims(args, kwargs)
+    step = input_names = None
+    if with_past:
+        step = DecoderWithPast(model)
+        model, args, kwargs = step, (), step.inputs_after(args, kwargs)
+        input_names, shapes = step.input_names(kwargs), step.dynamic_dims(kwargs)
+    else:
+        shapes = dynamic_dims(args, kwargs)
     with torch.no_grad():
         program = torch.export.export(model, tuple(args), kwargs, dynamic_shapes=shapes,
                                       strict=False)
@@ -83,12 +103,13 @@ def rewrite_model(
     fake_mode = detect_fake_mode([n.meta.get("val") for n in gm.graph.nodes])
     # The passes run as they do in the backend: inside the graph's fake mode.
     with tracing(TracingContext(fake_mode)), fake_mode:
-        report.passes = run_pipeline(gm, passes, opts, training=False, frozen=True)
+        report.passes = run_pipeline(gm, passes, opts, training=False, frozen=True,
+                                     exporting=True)
     _drop_unread_constants(gm)
     if opts.report_dir:
         report.write(opts.report_dir)
     return Rewritten(gm, report, tuple(args), kwargs, shapes,
-                     output_names(program.call_spec.out_spec))
+                     output_names(program.call_spec.out_spec), input_names, step)
 
 
 def dynamic_dims(args: tuple, kwargs: Mapping[str, Any]) -> ShapesCollection:

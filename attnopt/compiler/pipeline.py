@@ -25,6 +25,9 @@ class PassContext:
     options: Options
     training: bool  # a forward graph whose saved tensors feed a backward graph
     frozen: bool  # weights are constants in the graph (inference graphs only)
+    # The graph is for torch.export / ONNX (the offline path), not for running compiled: rewrites
+    # that only help an exporter (the kv_cache pass's DynamicCache rule) apply then.
+    exporting: bool = False
     rejected: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -48,11 +51,11 @@ class GraphPass(Protocol):
 
 def run_pipeline(
     gm: fx.GraphModule, passes: Sequence[GraphPass], options: Options, *, training: bool,
-    frozen: bool,
+    frozen: bool, exporting: bool = False,
 ) -> list[PassRecord]:
     records = []
     for p in passes:
-        ctx = PassContext(options, training=training, frozen=frozen)
+        ctx = PassContext(options, training=training, frozen=frozen, exporting=exporting)
         before = render(gm.graph)
         nodes_before = count_ops(gm.graph)
         start = time.perf_counter()

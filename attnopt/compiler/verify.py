@@ -27,6 +27,7 @@ from attnopt.backends import ops  # noqa: F401  (registers torch.ops.attnopt.*)
 # Largest max|ONNX - reference| / max|reference| accepted, by output dtype.
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}
 ATTNOPT_OPS = (torch.ops.attnopt.softmax.default, torch.ops.attnopt.attention.default,
+               torch.ops.attnopt.attention_with_past.default,
                torch.ops.attnopt.w4a16_linear.default, torch.ops.attnopt.moe.default,
                torch.ops.attnopt.moe_w4a16.default)
 
@@ -65,15 +66,18 @@ def providers() -> list[str]:
 
 def run_onnx(path: str | os.PathLike, args: tuple, kwargs: Mapping[str, Any]
              ) -> tuple[list[np.ndarray], str]:
-    """The ONNX model's outputs on these inputs (tensor leaves of args and kwargs; non-tensor
-    inputs were fixed at export), and the provider that ran it."""
+    """The ONNX model's outputs on these inputs, and the provider that ran it. A tensor kwarg
+    feeds the input of its name; the other tensors (positional, or nested in a kwarg: a past
+    K/V tuple) feed the remaining inputs in order. Non-tensor inputs were fixed at export."""
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
     options.log_severity_level = 3  # shape-merge notices are not the user's concern
     session = onnxruntime.InferenceSession(os.fspath(path), options, providers=providers())
     named = {k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)}
-    positional = iter(t for t in pytree.tree_leaves(args) if isinstance(t, torch.Tensor))
+    nested = [v for v in kwargs.values() if not isinstance(v, torch.Tensor)]
+    positional = iter(t for t in pytree.tree_leaves((args, nested))
+                      if isinstance(t, torch.Tensor))
     feeds = {}
     for graph_input in session.get_inputs():
         tensor = named.pop(graph_input.name, None)
@@ -111,11 +115,10 @@ def compare(path: str | os.PathLike, names: list[str], args: tuple, kwargs: Mapp
         expected_eager = _tensors(eager(*args, **kwargs))
         with reference_kernels(rewritten):
             expected_attnopt = _tensors(rewritten(*args, **kwargs))
-    shapes = [f"{name} {list(t.shape)}" for name, t in kwargs.items()
-              if isinstance(t, torch.Tensor)]
+    shapes = [_shapes(name, value) for name, value in kwargs.items()]
     shapes += [f"input {list(t.shape)}" for t in pytree.tree_leaves(args)
                if isinstance(t, torch.Tensor)]
-    result = Verification(provider, ", ".join(shapes))
+    result = Verification(provider, ", ".join(s for s in shapes if s))
     for label, expected, checked in (("eager PyTorch", expected_eager, check_eager),
                                      ("attnopt in PyTorch", expected_attnopt, True)):
         if len(expected) != len(got):
@@ -124,6 +127,18 @@ def compare(path: str | os.PathLike, names: list[str], args: tuple, kwargs: Mapp
             result.differences.append(_difference(label, name, e, torch.from_numpy(g),
                                                   TOLERANCE.get(e.dtype) if checked else None))
     return result
+
+
+def _shapes(name: str, value: Any) -> str:
+    """`input_ids [3, 11]`; the tensors nested in an input as a count when they share a shape
+    (`past_key_values 4 x [3, 2, 11, 16]`); "" for an input that holds none."""
+    tensors = _tensors(value)
+    shapes = {tuple(t.shape) for t in tensors}
+    if len(tensors) == 1:
+        return f"{name} {list(tensors[0].shape)}"
+    if len(shapes) == 1:
+        return f"{name} {len(tensors)} x {list(shapes.pop())}"
+    return ", ".join(f"{name}[{i}] {list(t.shape)}" for i, t in enumerate(tensors))
 
 
 def _tensors(output: Any) -> list[torch.Tensor]:

@@ -1,4 +1,5 @@
-"""kv_cache: attention that reads a KV cache reads it in place, with `attnopt::paged_attention`.
+"""kv_cache: attention that reads a KV cache reads it in place, with `attnopt::paged_attention`;
+for export, attention over a DynamicCache takes the past as ONNX's Attention does.
 
 Runs after the attention pass, so every spelling of attention is one `attnopt::attention` here
 (repeat_kv folded: K/V are the cache's own, unrepeated heads). What the cache update looks like
@@ -17,15 +18,20 @@ in the graph, and what becomes of it:
             paged_attention, reading past + n keys instead of max_len.
     dynamic transformers' DynamicCache: cat([past, new], 2) copies the whole cache every step,
             and the result must stay a graph output (the cache object keeps it), so there is
-            nothing to read in place: refused, with the advice to pass a PagedKVCache.
+            nothing to read in place. Compiled, it is refused with the advice to pass a
+            PagedKVCache. Exported (`ctx.exporting`, the offline path), the two cats and the
+            attention become one attention_with_past(q, k, v, past_k, past_v, mask), whose
+            present K/V replace the cats as the cache's new value: ONNX's Attention with its
+            past_key/past_value inputs and present outputs (`backends/onnx.py`), the form ONNX
+            decoders take. Only then: in PyTorch it saves nothing (the copy is the same).
 
-Both rewrites read fewer keys than the attention they replace: the positions past each
-sequence's length. The fallback gives those positions zeros (paged) or stale zeros (static),
-and the model's mask hides them — transformers builds it for the capacity the cache reports,
-with every key after the query's own position masked, as any causal decoder must. That is the
-contract the rewrite relies on, so attention without a mask, or with `is_causal` meaning
-"bottom-right over the capacity", is refused. One exception, also transformers': a prefill
-into an empty cache without padding drops the mask and cuts K/V to the Lq new tokens with
+The paged and static rewrites read fewer keys than the attention they replace: the positions
+past each sequence's length. The fallback gives those positions zeros (paged) or stale zeros
+(static), and the model's mask hides them — transformers builds it for the capacity the cache
+reports, with every key after the query's own position masked, as any causal decoder must. That
+is the contract the rewrite relies on, so attention without a mask, or with `is_causal` meaning
+"bottom-right over the capacity", is refused. One exception, also transformers': a prefill into
+an empty cache without padding drops the mask and cuts K/V to the Lq new tokens with
 `is_causal`; that becomes paged_attention's causal mode, whose diagonal ends at each sequence's
 length (the same keys when the new tokens are the whole cache, which transformers only does
 then).
@@ -33,12 +39,15 @@ then).
 
 from __future__ import annotations
 
+import operator
+import sys
+
 import torch
 import torch.fx as fx
 
 from attnopt.backends import ops  # noqa: F401  (registers torch.ops.attnopt.*)
 from attnopt.compiler import layout
-from attnopt.compiler.graph import insert_call
+from attnopt.compiler.graph import fake_value, insert_call
 from attnopt.compiler.pattern import (
     ANY,
     Call,
@@ -49,6 +58,7 @@ from attnopt.compiler.pattern import (
     Matcher,
     Pattern,
     Rule,
+    bound_arguments,
 )
 from attnopt.compiler.rewrite import PatternPass
 
@@ -173,10 +183,48 @@ def _paged_attention(graph: fx.Graph, m: Match, k_pool, v_pool, table, lens, k_s
                         k_scale, v_scale, m["mask"]))
 
 
-# --- dynamic: DynamicCache's cat, explained -------------------------------------------------------
+# --- dynamic: DynamicCache's cat ----------------------------------------------------------------
+
+def _cache_step(node: object) -> bool:
+    """cat([past, new], 2) of two [B, H, L, D] tensors: a DynamicCache layer's update. Its
+    result is also the cache's new value (read after the attention), so it is captured, not
+    consumed."""
+    if not isinstance(node, fx.Node) or node.target is not aten.cat.default:
+        return False
+    arguments = bound_arguments(node)
+    tensors = [fake_value(t) for t in arguments["tensors"]]
+    return (len(tensors) == 2 and arguments["dim"] in (2, -2)
+            and all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in tensors))
+
+
+def _whole(x: Pattern) -> Pattern:
+    """x, or x sliced over all of one dim: a dynamic-shape trace keeps the `:` of
+    `x[:, :, None]` (repeat_kv's, which the attention pass folded) as such a slice."""
+    return Call(aten.slice.Tensor, x, ANY, Literal(where=lambda start: start in (None, 0)),
+                Literal(where=lambda end: end in (None, sys.maxsize))) | x
+
+
+dynamic = _attention(_whole(Capture("k_present", where=_cache_step)),
+                     _whole(Capture("v_present", where=_cache_step)))
+
+
+def rewrite_dynamic(m: Match, graph: fx.Graph, ctx) -> fx.Node:
+    """attention_with_past; its present K/V take the cats' place for every reader after the
+    attention (the cache's new value). A reader before it keeps its cat, which stays for it."""
+    (past_k, k), (past_v, v) = (bound_arguments(m[f"{kv}_present"])["tensors"] for kv in "kv")
+    call = insert_call(graph, attnopt.attention_with_past.default,
+                       (m["q"], k, v, past_k, past_v, m["mask"], m["is_causal"], m["scale"]),
+                       {"impl": m["impl"]})
+    out, present_k, present_v = (insert_call(graph, operator.getitem, (call, i))
+                                 for i in range(3))
+    for cat, present in ((m["k_present"], present_k), (m["v_present"], present_v)):
+        cat.replace_all_uses_with(present, delete_user_cb=lambda user: user > m.anchor)
+    return out
+
 
 def _explain_dynamic_caches(graph: fx.Graph, ctx) -> None:
-    """Attention whose K is cat([a graph input, new], dim=2): the DynamicCache step."""
+    """Attention whose K is cat([a graph input, new], dim=2): the DynamicCache step, left as it
+    is in a compiled graph."""
     for node in graph.find_nodes(op="call_function", target=attnopt.attention.default):
         k = node.args[1]
         if (isinstance(k, fx.Node) and k.target is aten.cat.default
@@ -188,18 +236,24 @@ def _explain_dynamic_caches(graph: fx.Graph, ctx) -> None:
 
 
 class KVCachePass:
+    """paged and static everywhere; dynamic only in graphs for export (`ctx.exporting`), while
+    a compiled graph gets the reason DynamicCache is left alone instead."""
+
     name, counts_as, needs_frozen_weights = "kv_cache", "kv_cache", False
 
     def __init__(self) -> None:
-        self.rules = PatternPass(self.name, counts_as=self.counts_as, rules=[
-            Rule("paged", paged, rewrite_paged, check),
-            Rule("static", static, rewrite_static, check_static),
-        ])
+        rules = [Rule("paged", paged, rewrite_paged, check),
+                 Rule("static", static, rewrite_static, check_static)]
+        self.rules = PatternPass(self.name, counts_as=self.counts_as, rules=rules)
+        self.export_rules = PatternPass(self.name, counts_as=self.counts_as, rules=[
+            *rules, Rule("dynamic", dynamic, rewrite_dynamic)])
 
     def not_applicable(self, options) -> str | None:
         return None
 
     def apply(self, gm: fx.GraphModule, ctx) -> int:
+        if ctx.exporting:
+            return self.export_rules.apply(gm, ctx)
         rewrites = self.rules.apply(gm, ctx)
         _explain_dynamic_caches(gm.graph, ctx)
         return rewrites

@@ -177,3 +177,18 @@ def test_random_shapes(c):
 @pytest.mark.parametrize(("hq", "hkv", "lq", "lk"), [(16, 16, 2048, 2048), (32, 8, 1, 4096)])
 def test_full_size_on_gpu(hq, hkv, lq, lk):
     check(*qkv(2, hq, hkv, lq, lk, 128, dtype=torch.float16), is_causal=True)
+
+
+@pytest.mark.parametrize("impl", ["auto", "triton"])
+def test_attention_with_past_attends_over_the_concatenation(impl):
+    """attention_with_past's paths (attention's, after the concatenation) against its reference;
+    opcheck runs the fake implementation against the real one."""
+    q, k, v = qkv(2, 4, 2, 3, 3, 16)
+    _, past_k, past_v = qkv(2, 4, 2, 3, 5, 16)
+    mask = make_mask("bool [B,1,Lq,Lk]", 2, 4, 3, 8, torch.float32)
+    args = (q, k, v, past_k, past_v, mask, True, 0.25)
+    got = torch.ops.attnopt.attention_with_past(*args, impl=impl)
+    want = reference.attention_with_past(*args)
+    assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
+    torch.testing.assert_close(got[0], want[0], rtol=TOL[torch.float32], atol=TOL[torch.float32])
+    torch.library.opcheck(torch.ops.attnopt.attention_with_past.default, args)

@@ -1,11 +1,12 @@
 """The ONNX translations of the attnopt ops, run in ONNX Runtime's CPU provider against the
 reference implementations on random inputs: attention (GQA, MQA, boolean and additive masks,
 masks broadcast over queries, bottom-right causal, fully masked rows, fp16, new shapes at run
-time), softmax (every pre-op), w4a16_linear (MatMulNBits: padded K, odd block counts, bias,
-fp16, packed weights folded into initializers), moe and moe_w4a16 (top-1 and top-2, every
-activation, an expert with no tokens, one expert twice for a token, new token counts at run
-time, fp16 and fp64; one MatMulNBits per int4 expert matrix) and a tiny Mixtral exported whole
-with a dynamic token count."""
+time), attention_with_past (Attention with past and present K/V: GQA, both kinds of mask,
+causal, past and new lengths, an empty past at run time), softmax (every pre-op), w4a16_linear
+(MatMulNBits: padded K, odd block counts, bias, fp16, packed weights folded into initializers),
+moe and moe_w4a16 (top-1 and top-2, every activation, an expert with no tokens, one expert
+twice for a token, new token counts at run time, fp16 and fp64; one MatMulNBits per int4 expert
+matrix) and a tiny Mixtral exported whole with a dynamic token count."""
 
 import math
 
@@ -81,6 +82,7 @@ ATTENTION_CASES = {
     "gqa_bool_mask": ({"hq": 8, "hkv": 2}, lambda b, lq, lk: bool_mask(b, 1, lq, lk), False),
     "mqa_additive_mask": ({"hkv": 1}, lambda b, lq, lk: float_mask(1, 1, lq, lk), False),
     "mask_broadcast_over_queries": ({}, lambda b, lq, lk: bool_mask(b, 1, 1, lk), False),
+    "mask_broadcast_over_keys": ({}, lambda b, lq, lk: scores(b, 1, lq, 1), False),
     "mask_2d": ({"hkv": 2}, lambda b, lq, lk: float_mask(lq, lk), False),
     "mask_1d_over_keys": ({}, lambda b, lq, lk: bool_mask(lk), False),
     "causal_square_gqa": ({"hkv": 2}, None, True),
@@ -142,6 +144,62 @@ def test_attention_dynamic_lengths_keep_bottom_right_causal():
     torch.testing.assert_close(run(session, [q, k, v, mask]),
                                reference.attention(q, k, v, mask, True, 0.25),
                                rtol=1e-5, atol=1e-5)
+
+
+# --- attention with past K/V --------------------------------------------------------------------
+
+
+def run_all(session, inputs):
+    feeds = {i.name: t.numpy() for i, t in zip(session.get_inputs(), inputs, strict=True)}
+    return [torch.from_numpy(out) for out in session.run(None, feeds)]
+
+
+def with_past(b=2, hq=4, hkv=2, past=5, new=3, d=16, seed=0):
+    """q, k, v of `new` tokens and past K/V of `past` tokens: GQA 4:2 by default."""
+    q, k, v = qkv(b=b, hq=hq, hkv=hkv, lq=new, lk=new, d=d, dv=d, seed=seed)
+    _, past_k, past_v = qkv(b=b, hq=hq, hkv=hkv, lq=new, lk=past, d=d, dv=d, seed=seed + 1)
+    return q, k, v, past_k, past_v
+
+
+MASKS = {"bool": bool_mask, "additive": float_mask}
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("mask_kind", list(MASKS))
+@pytest.mark.parametrize("new", [1, 3])
+@pytest.mark.parametrize("past", [1, 5])
+def test_attention_with_past_is_attention_with_past_and_present(past, new, mask_kind, causal):
+    q, k, v, past_k, past_v = with_past(past=past, new=new)
+    mask = MASKS[mask_kind](2, 1, new, past + new)
+    inputs = [q, k, v, past_k, past_v, mask]
+    module = Call(torch.ops.attnopt.attention_with_past, *[TENSOR] * 6, causal, 0.3)
+    model, session = export(module, inputs)
+    (node,) = [node for node in model.graph if node.op_type == "Attention"]
+    assert [i is not None for i in node.inputs] == [True] * 6  # Q, K, V, mask, past K, past V
+    got = run_all(session, inputs)
+    expected = reference.attention_with_past(q, k, v, past_k, past_v, mask, causal, 0.3)
+    assert len(got) == 3
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+
+
+def test_attention_with_past_dynamic_lengths_keep_bottom_right_causal():
+    """Exported on 5 past and 3 new tokens, every length dynamic (the queries' and the new
+    keys' are unrelated sizes, so the causal part is a mask); run on new past lengths, an empty
+    past included, and on one new token."""
+    auto = torch.export.Dim.AUTO
+    dims = {0: auto, 2: auto}
+    module = Call(torch.ops.attnopt.attention_with_past, *[TENSOR] * 6, True, 0.25)
+    inputs = [*with_past(), bool_mask(2, 1, 3, 8)]
+    _, session = export(module, inputs, dynamic=(((dims,) * 5) + ({0: auto, 2: auto,
+                                                                   3: auto},),))
+    for past, new in ((0, 3), (9, 1), (2, 4)):
+        q, k, v, past_k, past_v = with_past(b=3, past=past, new=new, seed=past)
+        mask = bool_mask(3, 1, new, past + new, seed=new)
+        inputs = [q, k, v, past_k, past_v, mask]
+        expected = reference.attention_with_past(q, k, v, past_k, past_v, mask, True, 0.25)
+        for g, e in zip(run_all(session, inputs), expected, strict=True):
+            torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
 
 
 # --- softmax -----------------------------------------------------------------------------------
