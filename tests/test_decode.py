@@ -126,6 +126,23 @@ def test_compiled_decode_under_inductor():
     assert all(r.counts["kv_cache"] == LAYERS for r in attnopt.reports())
 
 
+def test_triton_kernels_give_eager_tokens():
+    # The split-KV Triton kernel (under the interpreter on CPU) reading the pools through the
+    # block table with transformers' own padding mask.
+    pytest.importorskip("triton")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = build("llama").to(device)
+    inputs = {k: v.to(device) for k, v in prompts(2, 7, pad=3).items()}
+    want = generate(model, inputs)
+    model.forward = torch.compile(model.forward, backend="attnopt",
+                                  options={"inner": "eager", "kernels": "triton"})
+    cache = PagedKVCache(model.config, max_tokens=64, block_size=4, max_seq_len=32)
+    assert torch.equal(generate(model, inputs, cache), want)
+    calls = [line for r in attnopt.reports() for line in r.passes[-1].after
+             if "attnopt.paged_attention(" in line]
+    assert len(calls) == 2 * LAYERS and all("'triton'" in line for line in calls)
+
+
 def test_a_full_pool_is_an_error_in_compiled_code_too():
     model = compiled(build("llama"))
     cache = PagedKVCache(model.config, max_tokens=16, block_size=4, max_seq_len=32)
