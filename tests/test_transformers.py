@@ -82,6 +82,23 @@ def test_dynamic_shapes_fold_repeat_kv_too(name):
     assert not [line for r in reports for line in repeated_kv_left(r)]
 
 
+@pytest.mark.parametrize("name", ["llama", "gpt2", "bert"])
+def test_dynamic_true_scale_tensor_is_folded_into_q(name):
+    # torch.compile(dynamic=True) leaves Python floats unspecialised: the written-out
+    # attention's scale arrives as a 0-dim tensor input, which the rewrite multiplies into q.
+    model = build(name, "eager")
+    compiled = torch.compile(model, backend="attnopt", dynamic=True, options={"inner": "eager"})
+    key = "logits" if name == "llama" else "last_hidden_state"
+    with torch.no_grad():
+        for length in (9, 12):
+            batch = {k: v[:, :length].contiguous() for k, v in inputs().items()}
+            torch.testing.assert_close(compiled(**batch)[key], model(**batch)[key],
+                                       rtol=1e-5, atol=1e-5)
+    reports = attnopt.reports()
+    assert len(reports) == 1 and reports[0].counts["attention"] == LAYERS
+    assert reports[0].counts["softmax"] == 0
+
+
 @pytest.mark.parametrize("name", ["llama", "bert"])
 def test_bfloat16_eager_attention(name):
     model = build(name, "eager").to(torch.bfloat16)

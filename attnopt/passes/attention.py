@@ -66,7 +66,7 @@ from attnopt.compiler.pattern import (
 from attnopt.compiler.rewrite import PatternPass
 from attnopt.passes.softmax import dtype_of, softmax_dim, softmax_of, softmax_scale, widening_cast
 
-aten = torch.ops.aten
+aten, prims = torch.ops.aten, torch.ops.prims
 
 def repeat_kv(name: str) -> Call:
     """transformers' repeat_kv: x[:, :, None].expand(B, Hkv, n_rep, L, D).reshape(B, Hkv*n_rep,
@@ -270,7 +270,18 @@ def check_written_out(m: Match, ctx=None) -> str | None:
 
 def rewrite_written_out(m: Match, graph: fx.Graph, ctx) -> fx.Node:
     scale = softmax_scale(m) * float(m.get("q_scale", 1.0)) * float(m.get("k_scale", 1.0))
-    return _emit(graph, ctx, m, m["q"], m["k"], m["v"], scale, m.get("bias"), m.get("mask"))
+    return _emit(graph, ctx, m, _tensor_scaled(graph, m, m["q"]), m["k"], m["v"], scale,
+                 m.get("bias"), m.get("mask"))
+
+
+def _tensor_scaled(graph: fx.Graph, m: Match, q: fx.Node) -> fx.Node:
+    """q times a scale that is a 0-dim tensor (a runtime value, not a number the op can take):
+    (q · s) @ kᵀ = (q @ kᵀ) · s, up to rounding."""
+    if "scale_tensor" not in m.captures:
+        return q
+    scale = insert_call(graph, prims.convert_element_type.default,
+                        (m["scale_tensor"], _val(q).dtype))
+    return insert_call(graph, aten.mul.Tensor, (q, scale))
 
 
 def _emit(graph: fx.Graph, ctx, m: Match, q: fx.Node, k: fx.Node, v: fx.Node, scale: float,
@@ -430,7 +441,7 @@ def rewrite_batched(m: Match, graph: fx.Graph, ctx) -> fx.Node:
         bias = bias3 if bias is None else insert_call(graph, aten.add.Tensor, (bias3, bias))
     mask = _mask_4d(graph, m.get("mask"), rank, q)
     scale = softmax_scale(m) * float(m.get("alpha", 1.0))
-    out = _emit(graph, ctx, m, q4, k4, v4, scale, bias, mask)
+    out = _emit(graph, ctx, m, _tensor_scaled(graph, m, q4), k4, v4, scale, bias, mask)
     return insert_call(graph, aten.flatten.using_ints, (out, 0, 1))  # [B*H, q, dv] as the bmm
 
 

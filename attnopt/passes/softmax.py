@@ -49,7 +49,12 @@ def softmax_of(x: Pattern) -> Pattern:
     sum_dims, safe, out_dtype."""
     scaled = optional(
         Call(aten.mul.Tensor, x, Literal("scale", where=is_number), commutative=True)
-        | Call(aten.div.Tensor, x, Literal("divisor", where=is_number)),
+        | Call(aten.div.Tensor, x, Literal("divisor", where=is_number))
+        # A scale Dynamo did not specialise (torch.compile(dynamic=True) passes Python floats
+        # as 0-dim tensor inputs): the attention pass folds it into q; the softmax op takes a
+        # number, so its pass declines it and keeps the multiply outside.
+        | Call(aten.mul.Tensor, x, Capture("scale_tensor", where=is_scalar_tensor),
+               commutative=True),
         through=x,
     )
     biased = optional(
@@ -91,6 +96,11 @@ def softmax_of(x: Pattern) -> Pattern:
 
 def softmax_dim(m: Match) -> int:
     return m["max_dims"][0] if "max_dims" in m.captures else m["dim"]
+
+
+def is_scalar_tensor(v: object) -> bool:
+    val = v.meta.get("val") if isinstance(v, fx.Node) else None
+    return isinstance(val, torch.Tensor) and val.dim() == 0 and val.is_floating_point()
 
 
 def softmax_scale(m: Match) -> float:
@@ -148,6 +158,8 @@ def _broadcasts_into(small: torch.Size, big: torch.Size) -> bool:
 def check(m: Match, ctx=None) -> str | None:
     if dtype_of(m.anchor) is None or dtype_of(m["x"]) is None:
         return "no dtype information on the graph (meta['val'] missing)"
+    if "scale_tensor" in m.captures:  # the shorter match, with the multiply outside, follows
+        return "the scale is a tensor; the op takes a number"
     rank = len(_shape(m["x"]))
     if rank == 0:
         return "softmax of a 0-dim tensor"

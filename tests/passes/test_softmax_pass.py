@@ -94,6 +94,17 @@ def test_bias_that_would_enlarge_scores_is_left_outside():
     torch.testing.assert_close(gm(S, big, MASK), fn(S, big, MASK))
 
 
+def test_tensor_scale_is_left_outside():
+    # A 0-dim tensor scale (what dynamic=True makes of a Python float) is not a number the op
+    # can take: the multiply stays, the softmax is still rewritten.
+    scale = torch.tensor(0.5)
+    fn = lambda s, t, m: torch.softmax(s * t, -1)
+    gm = aten_graph(fn, S, scale, MASK)
+    assert run_pass(gm) == (1, [])
+    assert ops(gm) == ["aten.mul.Tensor", "attnopt.softmax"]
+    torch.testing.assert_close(gm(S, scale, MASK), fn(S, scale, MASK))
+
+
 def test_near_miss_amax_and_sum_over_different_dims_is_reported():
     fn = lambda s, b, m: (lambda e: e / e.sum(1, keepdim=True))(
         torch.exp(s - s.amax(-1, keepdim=True)))
