@@ -53,6 +53,18 @@ def _finite_or_zero(m):
 
 
 @triton.jit
+def _store_partial(o_part, lse_part, part, acc, m_i, l_i, row_ok, offs_dv, Dv):
+    """A split-KV chunk's result for rows `part`: its normalised output acc / l and its
+    log-sum-exp (base 2) m + log2(l); a row that saw no key stores 0 and -inf."""
+    seen = l_i > 0
+    y = acc / tl.where(seen, l_i, 1.0)[:, None]
+    tl.store(o_part + part[:, None] * Dv + offs_dv[None, :], y,
+             mask=row_ok[:, None] & (offs_dv < Dv)[None, :])
+    lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
+    tl.store(lse_part + part, lse, mask=row_ok)
+
+
+@triton.jit
 def _dot(a, b, DOT_IN_FP32: tl.constexpr):
     # "ieee" keeps fp32 inputs in full fp32 rather than TF32; fp16/bf16 inputs are unaffected.
     # DOT_IN_FP32 is for bf16 under the interpreter: numpy has no bfloat16, and the interpreter's
@@ -212,12 +224,7 @@ def _decode_split_kernel(
     # Partials are [splits, B, Hq, Lq, (Dv)]. A chunk with no unmasked key for a row stores
     # o_s = 0 and lse_s = -inf, so the merge gives it weight 0.
     part = ((split * B + b) * Hq + h) * Lq + q_pos
-    seen = l_i > 0
-    y = acc / tl.where(seen, l_i, 1.0)[:, None]
-    tl.store(o_part + part[:, None] * Dv + offs_dv[None, :], y,
-             mask=row_ok[:, None] & (offs_dv < Dv)[None, :])
-    lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
-    tl.store(lse_part + part, lse, mask=row_ok)
+    _store_partial(o_part, lse_part, part, acc, m_i, l_i, row_ok, offs_dv, Dv)
 
 
 @triton.jit

@@ -48,7 +48,7 @@ from torch import Tensor
 
 from attnopt.backends import reference
 from attnopt.backends.triton import interpreting
-from attnopt.backends.triton.attention import LOG2E, _dot, _finite_or_zero
+from attnopt.backends.triton.attention import LOG2E, _dot, _finite_or_zero, _store_partial
 
 # Keys per chunk of the split phase by default: long enough that a chunk's partial output and
 # the merge stay small next to its attention work, short enough that a few thousand cached
@@ -145,12 +145,7 @@ def _paged_split_kernel(
         # Partials are [B, Hq, Lq, num_splits, (Dv)]: a row's chunks are adjacent for the
         # merge. A chunk in which a row sees no key stores o_s = 0 and lse_s = -inf.
         part = ((b * Hq + h) * Lq + q_pos) * num_splits + split
-        seen = l_i > 0
-        y = acc / tl.where(seen, l_i, 1.0)[:, None]
-        tl.store(o_part + part[:, None] * Dv + offs_dv[None, :], y,
-                 mask=row_ok[:, None] & (offs_dv < Dv)[None, :])
-        lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
-        tl.store(lse_part + part, lse, mask=row_ok)
+        _store_partial(o_part, lse_part, part, acc, m_i, l_i, row_ok, offs_dv, Dv)
 
 
 @triton.jit
