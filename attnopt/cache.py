@@ -4,7 +4,7 @@
     from attnopt.cache import PagedKVCache
 
     cache = PagedKVCache(model.config, max_tokens=4096)            # block_size=16
-    out = model.generate(**inputs, max_new_tokens=64, past_key_values=cache)
+    out = model.generate(**inputs, max_new_tokens=64, cache=cache)  # < 5.24: past_key_values=
     cache = PagedKVCache(model.config, max_tokens=4096, int8=True)  # about half of fp16
 
 One cache serves one `generate` call (or one batch of sequences); `cache.reset()` empties it for

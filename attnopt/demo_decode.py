@@ -14,6 +14,7 @@ from torch._dynamo.utils import counters
 
 import attnopt
 from attnopt.cache import PagedKVCache
+from attnopt.compat import with_cache
 from attnopt.models.llama import LlamaConfig
 
 BLOCK_SIZE = 16
@@ -38,7 +39,7 @@ def _generate(model: torch.nn.Module, inputs: dict, new_tokens: int,
     """The generated ids and the seconds they took (the prefill included)."""
     start = time.perf_counter()
     out = model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                         do_sample=False, past_key_values=cache, disable_compile=True)
+                         do_sample=False, disable_compile=True, **with_cache(model, cache))
     return out, time.perf_counter() - start
 
 

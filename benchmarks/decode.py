@@ -33,6 +33,7 @@ import transformers
 from torch._dynamo.utils import counters
 
 from attnopt.cache import PagedKVCache
+from attnopt.compat import with_cache
 from benchmarks.common import write_table
 
 # name: LlamaConfig fields. "1b" is TinyLlama-1.1B's shape (GQA 32/4, head dim 64).
@@ -80,13 +81,13 @@ def decode(forward: Callable, cache: transformers.Cache, tokens: torch.Tensor, c
     each step's milliseconds and logits."""
     device = tokens.device
     with torch.no_grad():
-        forward(input_ids=tokens[:, :context], past_key_values=cache,
+        forward(input_ids=tokens[:, :context], **with_cache(forward, cache),
                 position_ids=torch.arange(context, device=device)[None])
         times, logits = [], []
         for i in range(context, context + steps):
             sync()
             start = time.perf_counter()
-            out = forward(input_ids=tokens[:, i:i + 1], past_key_values=cache,
+            out = forward(input_ids=tokens[:, i:i + 1], **with_cache(forward, cache),
                           position_ids=torch.tensor([[i]], device=device))
             sync()
             times.append((time.perf_counter() - start) * 1e3)

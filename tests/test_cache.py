@@ -10,6 +10,7 @@ import torch
 from attnopt.backends import ops, reference
 from attnopt.backends.triton import paged_attention as kernel
 from attnopt.cache import PagedKVCache, quantize_int8
+from attnopt.compat import with_cache
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.slow
@@ -33,7 +34,8 @@ def prompts(length: int) -> dict[str, torch.Tensor]:
 
 
 def generate(model, inputs, cache=None):
-    return model.generate(**inputs, max_new_tokens=8, do_sample=False, past_key_values=cache)
+    return model.generate(**inputs, max_new_tokens=8, do_sample=False,
+                          **with_cache(model, cache))
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
@@ -72,8 +74,8 @@ def test_int8_logits_within_tolerance(llama):
 
     def logits(cache):
         with torch.no_grad():
-            out = [llama(input_ids=ids[:, :8], past_key_values=cache).logits]
-            out += [llama(input_ids=ids[:, i:i + 1], past_key_values=cache).logits
+            out = [llama(input_ids=ids[:, :8], **with_cache(llama, cache)).logits]
+            out += [llama(input_ids=ids[:, i:i + 1], **with_cache(llama, cache)).logits
                     for i in range(8, 12)]
         return torch.cat(out, 1)
 
@@ -185,7 +187,7 @@ def test_unsupported_uses_are_refused(llama):
     cache = PagedKVCache(llama.config, max_tokens=64, block_size=4)
     with pytest.raises(NotImplementedError, match="beam search"):
         llama.generate(**prompts(5), max_new_tokens=2, num_beams=2, do_sample=False,
-                       past_key_values=cache)
+                       **with_cache(llama, cache))
 
     class HybridConfig:  # a hybrid model's config, as far as the cache reads it
         num_hidden_layers = 2

@@ -148,7 +148,8 @@ def bad_inputs(t, llama_dir):
                                     "the factory returned a value of type Linear"),
         "with past on no decoder": (["export", "factories:encoder", "-o", t / "m.onnx",
                                      "--with-past"], "--with-past: Embed.forward takes no "
-                                    "attention_mask, position_ids, past_key_values, use_cache"),
+                                    "attention_mask, position_ids, use_cache, cache or "
+                                    "past_key_values"),
         "output not .onnx": (["export", llama_dir, "-o", t / "m.txt"], "must be a file ending "
                              "in .onnx"),
         "output exists": (["export", llama_dir, "-o", t / "exists.onnx"],

@@ -10,6 +10,7 @@ from torch._dynamo.utils import counters
 
 import attnopt
 from attnopt.cache import PagedKVCache
+from attnopt.compat import with_cache
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.slow
@@ -44,7 +45,7 @@ def prompts(batch: int, length: int, pad: int) -> dict[str, torch.Tensor]:
 
 def generate(model, inputs, cache=None) -> torch.Tensor:
     return model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False,
-                          past_key_values=cache, disable_compile=True)
+                          disable_compile=True, **with_cache(model, cache))
 
 
 def compiled(model: torch.nn.Module, inner: str = "eager") -> torch.nn.Module:

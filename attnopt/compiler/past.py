@@ -2,7 +2,8 @@
 with_past=True)` and `attnopt export --with-past` export.
 
 An ONNX decoder takes the cache as inputs and returns its new value, under the names optimum's
-exports use (B: batch, N: new tokens, P: cached tokens, L: layers):
+exports use (B: batch, N: new tokens, P: cached tokens, L: layers) — whatever the Python argument
+is called (`cache` since transformers 5.24, `past_key_values` before: `attnopt.compat`):
 
     inputs   input_ids [B, N], attention_mask [B, P + N], position_ids [B, N],
              past_key_values.{i}.key, past_key_values.{i}.value [B, Hkv, P, D] for i < L
@@ -29,11 +30,15 @@ import torch
 from torch import Tensor, nn
 from torch.export import Dim, ShapesCollection
 
+from attnopt.compat import CACHE_ARGUMENTS, cache_argument
+
 if TYPE_CHECKING:
     from transformers import DynamicCache
 
-# The forward parameters a decoding step passes (transformers causal LMs take them all).
-PARAMETERS = ("input_ids", "attention_mask", "position_ids", "past_key_values", "use_cache")
+# The step's inputs, by their ONNX names (the cache's: past_key_values.{i}.key/.value).
+PARAMETERS = ("input_ids", "attention_mask", "position_ids", "past_key_values")
+# The forward parameters a decoding step passes besides the cache (causal LMs take them all).
+_FORWARD_PARAMETERS = ("input_ids", "attention_mask", "position_ids", "use_cache")
 # torch.export specialises a size of 1: example steps add two tokens to the prompt.
 EXAMPLE_NEW_TOKENS = 2
 
@@ -41,11 +46,12 @@ EXAMPLE_NEW_TOKENS = 2
 def unsupported(model: nn.Module) -> str | None:
     """Why `model` cannot be exported as a decoding step, or None."""
     accepted = inspect.signature(model.forward).parameters
-    missing = [name for name in PARAMETERS if name not in accepted]
+    missing = [name for name in _FORWARD_PARAMETERS if name not in accepted]
+    if cache_argument(model) is None:
+        missing.append(" or ".join(CACHE_ARGUMENTS))
     if missing:
         return (f"{type(model).__name__}.forward takes no {', '.join(missing)}; exporting with "
-                "past K/V needs a transformers causal LM (a decoder that takes a "
-                "past_key_values cache)")
+                "past K/V needs a transformers causal LM (a decoder that takes a KV cache)")
     return None
 
 
@@ -76,13 +82,15 @@ class DecoderWithPast(nn.Module):
             raise ValueError(reason)
         super().__init__()
         self.model = model
+        self.cache_argument = cache_argument(model)
         self.train(model.training)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor,
                 past_key_values: tuple[Tensor, ...]) -> dict[str, Tensor]:
         cache = _dynamic_cache(past_key_values)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask,
-                         position_ids=position_ids, past_key_values=cache, use_cache=True)
+                         position_ids=position_ids, use_cache=True,
+                         **{self.cache_argument: cache})
         present = {}
         for i, layer in enumerate(cache.layers):
             present[f"present.{i}.key"], present[f"present.{i}.value"] = layer.keys, layer.values
@@ -92,7 +100,7 @@ class DecoderWithPast(nn.Module):
     def input_names(inputs: Mapping[str, Any]) -> list[str]:
         """The ONNX names of the step's tensor inputs, in the order the forward takes them."""
         layers = len(inputs["past_key_values"]) // 2
-        return [*PARAMETERS[:3], *(f"past_key_values.{i}.{kv}" for i in range(layers)
+        return [*PARAMETERS[:3], *(f"{PARAMETERS[3]}.{i}.{kv}" for i in range(layers)
                                    for kv in ("key", "value"))]
 
     @staticmethod
@@ -120,7 +128,8 @@ class DecoderWithPast(nn.Module):
         mask = torch.ones_like(ids) if mask is None else mask
         cache = DynamicCache()
         with torch.no_grad():
-            self.model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+            self.model(input_ids=ids, attention_mask=mask, use_cache=True,
+                       **{self.cache_argument: cache})
         # Contiguous copies, not views: torch.export's input guards fail on a strided view.
         new = ids[:, :EXAMPLE_NEW_TOKENS].contiguous()
         mask = torch.cat((mask, torch.ones_like(new, dtype=mask.dtype)), dim=1)

@@ -232,7 +232,7 @@ def _explain_dynamic_caches(graph: fx.Graph, ctx) -> None:
                 and (k.args[1] if len(k.args) > 1 else 0) in (2, -2)):
             ctx.reject(node, "K/V are cat([cache, new]) (a DynamicCache): each step copies the "
                              "whole cache and keeps the copy, so nothing can be read in place; "
-                             "pass past_key_values=attnopt.cache.PagedKVCache(...) to generate")
+                             "pass an attnopt.cache.PagedKVCache to generate")
 
 
 class KVCachePass:

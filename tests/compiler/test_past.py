@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import attnopt
+from attnopt.compat import with_cache
 from attnopt.compiler.past import DecoderWithPast
 
 transformers = pytest.importorskip("transformers")
@@ -56,7 +57,8 @@ def transformers_step(model, inputs: dict) -> list[torch.Tensor]:
     cache = transformers.DynamicCache(list(zip(past[::2], past[1::2], strict=True)))
     with torch.no_grad():
         out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                    position_ids=inputs["position_ids"], past_key_values=cache, use_cache=True)
+                    position_ids=inputs["position_ids"], use_cache=True,
+                    **with_cache(model, cache))
     return [out.logits, *(t for layer in cache.layers for t in (layer.keys, layer.values))]
 
 
