@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from attnopt.backends import moe_cpu, reference
 from attnopt.backends.triton import moe as kernel
-from tests.conftest import DEVICE
+from tests.conftest import CUDA, DEVICE
 
 # fp32 accumulation; 16-bit results are rounded twice (the intermediate and the output).
 TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
@@ -135,12 +135,17 @@ def test_block_heights_and_k_splits(block_m, split_k):
 
 
 def test_token_chunks(monkeypatch):
-    # More pairs than MAX_PAIRS go through in token chunks; rows are independent, so chunking
-    # changes no bit.
+    # More pairs than MAX_PAIRS go through in token chunks; rows are independent, so on a GPU
+    # chunking changes no bit. Under the interpreter tl.dot is numpy's matmul, whose BLAS may
+    # round a row differently when the matrix has fewer rows: equal to fp32 rounding there.
     args = problem(t=9, k=3)
     whole = kernel.fused_moe(*args)
     monkeypatch.setattr(kernel, "MAX_PAIRS", 7)  # 2 tokens per pass
-    assert torch.equal(kernel.fused_moe(*args), whole)
+    chunked = kernel.fused_moe(*args)
+    if CUDA:
+        assert torch.equal(chunked, whole)
+    else:
+        torch.testing.assert_close(chunked, whole, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("path", PATHS)
