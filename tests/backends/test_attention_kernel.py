@@ -107,6 +107,28 @@ def test_fully_masked_rows_give_zero(path, float_mask):
     assert (got[0, 0, 1] == 0).all()
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("path", list(PATHS))
+def test_rows_masked_everywhere_by_a_finite_fill_average_v(path, dtype):
+    # transformers' padding masks fill with finfo(dtype).min, a finite value: a query row whose
+    # every key is so masked (a fully padded row) averages V over those keys in eager, all its
+    # scores being the same -3.4e38. A row masked only in its first chunks/blocks still sees the
+    # rest, and a row masked everywhere but at -inf gives 0. The decode path merges 4 chunks:
+    # they must weigh by their key counts (10 each here, 9 and 10 with the ragged tail).
+    lq, lk = PATHS[path], 39
+    q, k, v = qkv(2, 2, 1, lq, lk, 32, dtype=dtype)
+    mask = torch.zeros(2, 2, lq, lk, device=DEVICE, dtype=dtype)
+    mask[0] = torch.finfo(dtype).min  # sequence 0: every row masked everywhere
+    mask[1, 0, :, :20] = torch.finfo(dtype).min  # head 0: the first keys only
+    mask[1, 1, 1] = -math.inf  # head 1, row 1: nothing to attend at all
+    got = check(q, k, v, mask, block_m=16, block_n=8, decode_split=4)
+    if dtype != torch.float16:  # fp16's min (-65504) does not swamp fp32 scores: no uniform
+        uniform = v.double().mean(2, keepdim=True).expand(2, 2, lq, -1)
+        torch.testing.assert_close(got[0].double(), uniform[0], rtol=TOL[dtype],
+                                   atol=TOL[dtype])
+    assert (got[1, 1, 1] == 0).all()
+
+
 @pytest.mark.parametrize("path", list(PATHS))
 def test_causal_with_more_queries_than_keys(path):
     # Bottom-right: query i sees keys j <= i + Lk - Lq, so the first Lq - Lk rows see nothing.

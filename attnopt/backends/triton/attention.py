@@ -7,12 +7,18 @@ of scores s' moves the maximum to m' = max(m, max s') and is folded in as
 
     α = exp(m - m'),   l ← α l + Σ exp(s' - m'),   acc ← α acc + exp(s' - m') v',
 
-so that at the end out = acc / l. We work in base 2: the scores are multiplied by
-scale · log2(e) (and an additive mask by log2(e)) so that exp becomes the cheaper exp2.
+so that at the end out = acc / l. Without an additive mask we work in base 2: the scores are
+multiplied by scale · log2(e) so that exp becomes the cheaper exp2. With one (NATURAL) the
+scores stay in natural units, s = q·k · scale + mask, exactly as eager adds them, and exp(x) is
+exp2(x · log2(e)) taken of the *difference* x = s - m: transformers' padding masks hold
+finfo(float32).min, and scaling that by log2(e) before subtracting would overflow to -inf,
+turning a row whose keys are all masked by that finite fill into 0 where eager (and the
+reference) average V over those keys, every score being the same -3.4e38.
 
-Masked scores are -inf. A row that has seen only -inf has m = -inf, and exp2(-inf - -inf) would
-be NaN, so exponents are taken relative to m where it is finite and relative to 0 otherwise:
-such a row keeps l = 0 and acc = 0, and gives out = 0 (as SDPA does) instead of 0 / 0.
+Masked keys (a bool mask, causal, past the end) are -inf. A row that has seen only -inf has
+m = -inf, and exp(-inf - -inf) would be NaN, so exponents are taken relative to m where it is
+finite and relative to 0 otherwise: such a row keeps l = 0 and acc = 0, and gives out = 0 (as
+SDPA does) instead of 0 / 0.
 
 - Prefill (Lq > DECODE_MAX_Q): one program per (BLOCK_M query rows, batch · query head). With
   `is_causal` (bottom-right: query i sees keys j <= i + Lk - Lq) the key loop stops after the
@@ -20,9 +26,11 @@ such a row keeps l = 0 and acc = 0, and gives out = 0 (as SDPA does) instead of 
 - Decode (Lq <= DECODE_MAX_Q): flash decoding (Dao et al., 2023). One query block is far too
   little work for a GPU, so the keys are split into chunks and one program handles one
   (batch, KV head, chunk) for every query row of every query head that reads this KV head: the
-  chunk of K/V is read once per group, not once per query head. Each program writes its
-  normalised partial output o_s and its log-sum-exp lse_s (base 2) per row; a second kernel
-  merges the chunks: out = Σ_s 2^(lse_s - lse) o_s with lse = log2 Σ_s 2^lse_s.
+  chunk of K/V is read once per group, not once per query head. Each program writes, per row,
+  its normalised partial output o_s and its softmax state (m_s, l_s); a second kernel merges
+  the chunks: out = Σ_s w_s o_s / Σ_s w_s with w_s = l_s · exp(m_s - max_s m_s). The state is
+  kept as (m, l) rather than a log-sum-exp m + log l, which loses log l when m is -3.4e38 (a
+  row masked everywhere by a finite fill), where the chunks must still weigh by their counts.
 
 Grouped-query attention is pure indexing (query head h reads KV head h // (Hq // Hkv)), and q,
 k, v and the mask are read through their strides: a transposed q or a mask broadcast over heads
@@ -53,15 +61,43 @@ def _finite_or_zero(m):
 
 
 @triton.jit
-def _store_partial(o_part, lse_part, part, acc, m_i, l_i, row_ok, offs_dv, Dv):
-    """A split-KV chunk's result for rows `part`: its normalised output acc / l and its
-    log-sum-exp (base 2) m + log2(l); a row that saw no key stores 0 and -inf."""
-    seen = l_i > 0
-    y = acc / tl.where(seen, l_i, 1.0)[:, None]
+def _exp(x, NATURAL: tl.constexpr):
+    """e^x for scores in natural units, 2^x for scores already in base 2."""
+    if NATURAL:
+        return tl.exp(x)
+    return tl.exp2(x)
+
+
+@triton.jit
+def _fold(acc, m_i, l_i, s, v_blk, NATURAL: tl.constexpr, DOT_IN_FP32: tl.constexpr):
+    """One block of scores s [BLOCK_M, BLOCK_N] (masked keys -inf) and its values folded into
+    the online-softmax state: m' = max(m, max s), α = exp(m - m'), l' = α l + Σ exp(s - m'),
+    acc' = α acc + exp(s - m') v."""
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    base = _finite_or_zero(m_new)
+    p = _exp(s - base[:, None], NATURAL)
+    alpha = _exp(m_i - base, NATURAL)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    # P is rounded to V's dtype so the second product runs on the same tensor cores.
+    acc = acc * alpha[:, None] + _dot(p.to(v_blk.dtype), v_blk, DOT_IN_FP32)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _store_partial(o_part, m_part, l_part, part, acc, m_i, l_i, row_ok, offs_dv, Dv):
+    """A split-KV chunk's result for rows `part`: its normalised output acc / l and its state
+    (m, l); a row that saw no key stores 0, -inf and 0."""
+    y = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(o_part + part[:, None] * Dv + offs_dv[None, :], y,
              mask=row_ok[:, None] & (offs_dv < Dv)[None, :])
-    lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
-    tl.store(lse_part + part, lse, mask=row_ok)
+    tl.store(m_part + part, m_i, mask=row_ok)
+    tl.store(l_part + part, l_i, mask=row_ok)
+
+
+@triton.jit
+def _merge_weights(m_s, l_s, NATURAL: tl.constexpr):
+    """The weights l_s · exp(m_s - max m) of a row's chunks (0 for chunks that saw no key)."""
+    return l_s * _exp(m_s - _finite_or_zero(tl.max(m_s, axis=0)), NATURAL)
 
 
 @triton.jit
@@ -82,13 +118,14 @@ def _attend(
     k_ptr, skn, skd, v_ptr, svn, svd, mask_rows, smn,
     lo, hi, Lq, Lk, D, Dv, qk_scale,
     HAS_MASK: tl.constexpr, BOOL_MASK: tl.constexpr, IS_CAUSAL: tl.constexpr,
-    DOT_IN_FP32: tl.constexpr,
+    NATURAL: tl.constexpr, DOT_IN_FP32: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """Fold keys [lo, hi) into the online-softmax state (acc, m_i, l_i) of a block of query rows.
 
     q: [BLOCK_M, BLOCK_D] queries; q_pos: their positions in the query sequence (for causal);
-    mask_rows: a pointer per row to its row of the mask.
+    mask_rows: a pointer per row to its row of the mask. qk_scale is scale · log2(e), or scale
+    itself for NATURAL scores (an additive mask).
     """
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -107,21 +144,13 @@ def _attend(
             if BOOL_MASK:
                 keep = keep & (mk != 0)
             else:
-                s += mk.to(tl.float32) * LOG2E
+                s += mk.to(tl.float32)
         if IS_CAUSAL:
             keep = keep & (cols[None, :] <= q_pos[:, None] + (Lk - Lq))
         s = tl.where(keep, s, float("-inf"))
-
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        base = _finite_or_zero(m_new)
-        p = tl.exp2(s - base[:, None])
-        alpha = tl.exp2(m_i - base)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
         v_blk = tl.load(v_ptr + cols[:, None] * svn + offs_dv[None, :] * svd,
                         mask=col_ok[:, None] & (offs_dv < Dv)[None, :], other=0.0)
-        # P is rounded to V's dtype so the second product runs on the same tensor cores.
-        acc = acc * alpha[:, None] + _dot(p.to(v_blk.dtype), v_blk, DOT_IN_FP32)
-        m_i = m_new
+        acc, m_i, l_i = _fold(acc, m_i, l_i, s, v_blk, NATURAL, DOT_IN_FP32)
     return acc, m_i, l_i
 
 
@@ -131,8 +160,8 @@ def _attn_fwd(
     mask, smb, smh, smm, smn,
     Hq, Hkv, Lq, Lk, D, Dv, qk_scale,
     HAS_MASK: tl.constexpr, BOOL_MASK: tl.constexpr, IS_CAUSAL: tl.constexpr,
-    DOT_IN_FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    NATURAL: tl.constexpr, DOT_IN_FP32: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """Prefill: out[b, h, rows] for one block of BLOCK_M query rows of one (batch, head)."""
     start_m = tl.program_id(0) * BLOCK_M
@@ -160,7 +189,7 @@ def _attn_fwd(
         k + b * skb + hkv * skh, skn, skd, v + b * svb + hkv * svh, svn, svd,
         mask + b * smb + h * smh + rows * smm, smn,
         0, hi, Lq, Lk, D, Dv, qk_scale,
-        HAS_MASK, BOOL_MASK, IS_CAUSAL, DOT_IN_FP32, BLOCK_N, BLOCK_D, BLOCK_DV,
+        HAS_MASK, BOOL_MASK, IS_CAUSAL, NATURAL, DOT_IN_FP32, BLOCK_N, BLOCK_D, BLOCK_DV,
     )
     # Rows that saw no unmasked key have l = 0 and acc = 0: they give 0.
     y = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
@@ -184,12 +213,12 @@ _attn_fwd_tuned = triton.autotune(configs=_prefill_configs(), key=["Lq", "Lk", "
 
 @triton.jit
 def _decode_split_kernel(
-    o_part, lse_part, q, sqb, sqh, sqm, sqd, k, skb, skh, skn, skd, v, svb, svh, svn, svd,
-    mask, smb, smh, smm, smn,
+    o_part, m_part, l_part, q, sqb, sqh, sqm, sqd, k, skb, skh, skn, skd,
+    v, svb, svh, svn, svd, mask, smb, smh, smm, smn,
     B, Hq, Hkv, Lq, Lk, D, Dv, qk_scale, split_len,
     HAS_MASK: tl.constexpr, BOOL_MASK: tl.constexpr, IS_CAUSAL: tl.constexpr,
-    DOT_IN_FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    NATURAL: tl.constexpr, DOT_IN_FP32: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """Decode, phase 1: keys [split · split_len, (split + 1) · split_len) of one (batch, KV head)
     against BLOCK_M of the group's (query head, query row) pairs, flattened as r = g · Lq + i."""
@@ -219,27 +248,27 @@ def _decode_split_kernel(
         k + b * skb + hkv * skh, skn, skd, v + b * svb + hkv * svh, svn, svd,
         mask + b * smb + h * smh + q_pos * smm, smn,
         lo, hi, Lq, Lk, D, Dv, qk_scale,
-        HAS_MASK, BOOL_MASK, IS_CAUSAL, DOT_IN_FP32, BLOCK_N, BLOCK_D, BLOCK_DV,
+        HAS_MASK, BOOL_MASK, IS_CAUSAL, NATURAL, DOT_IN_FP32, BLOCK_N, BLOCK_D, BLOCK_DV,
     )
     # Partials are [splits, B, Hq, Lq, (Dv)]. A chunk with no unmasked key for a row stores
-    # o_s = 0 and lse_s = -inf, so the merge gives it weight 0.
+    # o_s = 0 and l_s = 0, so the merge gives it weight 0.
     part = ((split * B + b) * Hq + h) * Lq + q_pos
-    _store_partial(o_part, lse_part, part, acc, m_i, l_i, row_ok, offs_dv, Dv)
+    _store_partial(o_part, m_part, l_part, part, acc, m_i, l_i, row_ok, offs_dv, Dv)
 
 
 @triton.jit
 def _decode_merge_kernel(
-    out, o_part, lse_part, R, S, Dv,
-    BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr,
+    out, o_part, m_part, l_part, R, S, Dv,
+    NATURAL: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    """Decode, phase 2: out[row] = Σ_s w_s o_s / Σ_s w_s with w_s = 2^(lse_s - max_s lse_s), for
-    one of the R = B · Hq · Lq output rows. Rows with every lse_s = -inf give 0."""
+    """Decode, phase 2: out[row] = Σ_s w_s o_s / Σ_s w_s with w_s = l_s · exp(m_s - max_s m_s),
+    for one of the R = B · Hq · Lq output rows. Rows whose chunks all saw no key give 0."""
     row = tl.program_id(0).to(tl.int64)
     splits = tl.arange(0, BLOCK_S)
     offs_dv = tl.arange(0, BLOCK_DV)
     part = splits.to(tl.int64) * R + row
-    lse = tl.load(lse_part + part, mask=splits < S, other=float("-inf"))
-    w = tl.exp2(lse - _finite_or_zero(tl.max(lse, axis=0)))
+    m = tl.load(m_part + part, mask=splits < S, other=float("-inf"))
+    w = _merge_weights(m, tl.load(l_part + part, mask=splits < S, other=0.0), NATURAL)
     o = tl.load(o_part + part[:, None] * Dv + offs_dv[None, :],
                 mask=(splits < S)[:, None] & (offs_dv < Dv)[None, :], other=0.0)
     total = tl.sum(w, axis=0)
@@ -291,10 +320,12 @@ def attention(
     mask4 = q if mask is None else mask.expand(b, hq, lq, lk)
     mask_strides = (0, 0, 0, 0) if mask is None else mask4.stride()
     args = (q, *q.stride(), k, *k.stride(), v, *v.stride(), mask4, *mask_strides)
-    qk_scale = float(scale) * LOG2E.value  # exp(x) = exp2(x · log2(e))
+    natural = mask is not None and mask.dtype != torch.bool  # an additive mask: see the top
+    qk_scale = float(scale) * (1.0 if natural else LOG2E.value)  # exp(x) = exp2(x · log2(e))
     flags = dict(
         HAS_MASK=mask is not None, BOOL_MASK=mask is not None and mask.dtype == torch.bool,
-        IS_CAUSAL=bool(is_causal), DOT_IN_FP32=interpreting() and q.dtype == torch.bfloat16,
+        IS_CAUSAL=bool(is_causal), NATURAL=natural,
+        DOT_IN_FP32=interpreting() and q.dtype == torch.bfloat16,
         BLOCK_D=triton.next_power_of_2(d), BLOCK_DV=triton.next_power_of_2(dv),
     )
 
@@ -317,11 +348,11 @@ def attention(
     splits = decode_split or _default_splits(q, b * hkv * row_blocks, lk)
     split_len = triton.cdiv(lk, splits)
     o_part = torch.empty((splits, b, hq, lq, dv), dtype=torch.float32, device=q.device)
-    lse_part = torch.empty((splits, b, hq, lq), dtype=torch.float32, device=q.device)
+    m_part, l_part = torch.empty((2, splits, b, hq, lq), dtype=torch.float32, device=q.device)
     _decode_split_kernel[(b * hkv, splits, row_blocks)](
-        o_part, lse_part, *args, b, hq, hkv, lq, lk, d, dv, qk_scale, split_len, **flags,
-        BLOCK_M=bm, BLOCK_N=block_n or 64, num_warps=4)
+        o_part, m_part, l_part, *args, b, hq, hkv, lq, lk, d, dv, qk_scale, split_len,
+        **flags, BLOCK_M=bm, BLOCK_N=block_n or 64, num_warps=4)
     _decode_merge_kernel[(b * hq * lq,)](
-        out, o_part, lse_part, b * hq * lq, splits, dv,
+        out, o_part, m_part, l_part, b * hq * lq, splits, dv, NATURAL=natural,
         BLOCK_S=triton.next_power_of_2(splits), BLOCK_DV=flags["BLOCK_DV"])
     return out

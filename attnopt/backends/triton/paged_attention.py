@@ -13,10 +13,11 @@ Phase 1 (split): one program per (batch, KV head, chunk of SPLIT_LEN keys, block
 The chunk's K/V is read once for every query head of the group (GQA by indexing: query head h
 reads KV head h // (Hq // Hkv)) and every one of the Lq query rows, flattened as
 r = g · Lq + i. It folds the chunk into the online softmax of `triton.attention` (base 2) and
-writes its normalised partial output and log-sum-exp per row.
+writes its normalised partial output and softmax state (m, l) per row.
 
 Phase 2 (merge): one program per output row combines that sequence's chunks,
-out = Σ_s 2^(lse_s - lse) o_s with lse = log2 Σ_s 2^lse_s, streaming over them.
+out = Σ_s w_s o_s / Σ_s w_s with w_s = l_s · exp(m_s - max m), streaming over them with a
+running maximum.
 
 The grid is sized by the block table's width, not by the sequences' lengths, so launching reads
 nothing back from the device (no sync, and one captured CUDA graph serves every step): a chunk
@@ -32,11 +33,10 @@ int8 pools are dequantized in registers: each tile of int8 codes is multiplied b
 The model's mask (optional) is read through the strides of its broadcast view [B, Hq, Lq,
 max_blocks · block_size] (stride 0 on broadcast dims): for each tile the split phase loads
 mask[b, h, i, cols] for its (query head h, query row i) pairs and its keys, never a column at
-or past the sequence's end. A bool mask drops keys; an additive one is added to the base-2
-scores as mask · log2(e). A chunk in which a row keeps no finite score stores o_s = 0 and
-lse_s = -inf, so a row masked everywhere gives 0. finfo(float32).min · log2(e) overflows to
--inf, so that fill acts as -inf: the same output wherever a row keeps a key, and 0 for a row
-that keeps none, where the reference averages V over the fully masked keys.
+or past the sequence's end. A bool mask drops keys; an additive one is added to the scores,
+which then stay in natural units (`triton.attention` says why: a row whose keys are all masked
+by finfo.min averages V over them, as eager does). A chunk in which a row sees no key stores
+o_s = 0 and l_s = 0, so a row that sees no key at all gives 0.
 """
 
 from __future__ import annotations
@@ -48,7 +48,14 @@ from torch import Tensor
 
 from attnopt.backends import reference
 from attnopt.backends.triton import interpreting
-from attnopt.backends.triton.attention import LOG2E, _dot, _finite_or_zero, _store_partial
+from attnopt.backends.triton.attention import (
+    LOG2E,
+    _dot,
+    _exp,
+    _finite_or_zero,
+    _fold,
+    _store_partial,
+)
 
 # Keys per chunk of the split phase by default: long enough that a chunk's partial output and
 # the merge stay small next to its attention work, short enough that a few thousand cached
@@ -71,14 +78,14 @@ def _load_kv_tile(pool, scale, blk, row, hkv, sb, sn, sh, sd, ssb, ssn, ssh, off
 
 @triton.jit
 def _paged_split_kernel(
-    o_part, lse_part,
+    o_part, m_part, l_part,
     q, sqb, sqh, sqm, sqd,
     k_pool, skb, skn, skh, skd, v_pool, svb, svn, svh, svd,
     k_scale, sksb, sksn, sksh, v_scale, svsb, svsn, svsh,
     block_table, stb, stj, seq_lens, mask, smb, smh, smm, smn,
     Hq, Hkv, Lq, D, Dv, block_size, num_splits, qk_scale,
     HAS_MASK: tl.constexpr, BOOL_MASK: tl.constexpr, IS_CAUSAL: tl.constexpr,
-    QUANTIZED: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+    NATURAL: tl.constexpr, QUANTIZED: tl.constexpr, DOT_IN_FP32: tl.constexpr,
     SPLIT_LEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
@@ -125,37 +132,31 @@ def _paged_split_kernel(
                              mask=row_ok[:, None] & key_ok[None, :], other=0)
                 if BOOL_MASK:
                     keep = keep & (mk != 0)
-                else:  # s is in base 2: e^(x + m) = 2^(x · log2(e) + m · log2(e))
-                    s += mk.to(tl.float32) * LOG2E
+                else:  # NATURAL scores: the mask is added as eager adds it
+                    s += mk.to(tl.float32)
             if IS_CAUSAL:
                 keep = keep & (cols[None, :] <= q_pos[:, None] + (seq_len - Lq))
             s = tl.where(keep, s, float("-inf"))
-
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            base = _finite_or_zero(m_new)
-            p = tl.exp2(s - base[:, None])
-            alpha = tl.exp2(m_i - base)
-            l_i = l_i * alpha + tl.sum(p, axis=1)
             v_blk = _load_kv_tile(v_pool, v_scale, blk, row, hkv, svb, svn, svh, svd,
                                   svsb, svsn, svsh, offs_dv, key_ok, Dv, q_blk.dtype,
                                   QUANTIZED)
-            acc = acc * alpha[:, None] + _dot(p.to(v_blk.dtype), v_blk, DOT_IN_FP32)
-            m_i = m_new
+            acc, m_i, l_i = _fold(acc, m_i, l_i, s, v_blk, NATURAL, DOT_IN_FP32)
 
         # Partials are [B, Hq, Lq, num_splits, (Dv)]: a row's chunks are adjacent for the
-        # merge. A chunk in which a row sees no key stores o_s = 0 and lse_s = -inf.
+        # merge. A chunk in which a row sees no key stores o_s = 0 and l_s = 0.
         part = ((b * Hq + h) * Lq + q_pos) * num_splits + split
-        _store_partial(o_part, lse_part, part, acc, m_i, l_i, row_ok, offs_dv, Dv)
+        _store_partial(o_part, m_part, l_part, part, acc, m_i, l_i, row_ok, offs_dv, Dv)
 
 
 @triton.jit
 def _paged_merge_kernel(
-    out, o_part, lse_part, seq_lens, Hq, Lq, Dv, num_splits,
-    SPLIT_LEN: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr,
+    out, o_part, m_part, l_part, seq_lens, Hq, Lq, Dv, num_splits,
+    NATURAL: tl.constexpr, SPLIT_LEN: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
 ):
     """Phase 2: out[row] for one of the B · Hq · Lq rows, from the chunks of its sequence that
-    hold keys, merged with a running maximum of their lse. No chunk, or only chunks with
-    lse = -inf, gives 0."""
+    hold keys, merged with a running maximum of their m. No chunk, or only chunks that saw no
+    key (l_s = 0), gives 0."""
     row = tl.program_id(0).to(tl.int64)
     b = row // (Hq * Lq)
     seq_len = tl.load(seq_lens + b).to(tl.int32)
@@ -169,11 +170,11 @@ def _paged_merge_kernel(
         splits = s0 + offs_s
         ok = splits < used
         part = row * num_splits + splits
-        lse = tl.load(lse_part + part, mask=ok, other=float("-inf"))
-        m_new = tl.maximum(m, tl.max(lse, axis=0))
+        m_s = tl.load(m_part + part, mask=ok, other=float("-inf"))
+        m_new = tl.maximum(m, tl.max(m_s, axis=0))
         base = _finite_or_zero(m_new)
-        w = tl.exp2(lse - base)
-        alpha = tl.exp2(m - base)
+        w = tl.load(l_part + part, mask=ok, other=0.0) * _exp(m_s - base, NATURAL)
+        alpha = _exp(m - base, NATURAL)
         o = tl.load(o_part + part[:, None] * Dv + offs_dv[None, :],
                     mask=ok[:, None] & (offs_dv < Dv)[None, :], other=0.0)
         acc = acc * alpha + tl.sum(w[:, None] * o, axis=0)
@@ -223,23 +224,27 @@ def paged_attention(
     chunk = triton.cdiv(split_len or SPLIT_LEN, bn) * bn
     num_splits = max(1, triton.cdiv(block_table.shape[1] * block_size, chunk))
     o_part = torch.empty((b, hq, lq, num_splits, dv), dtype=torch.float32, device=q.device)
-    lse_part = torch.empty((b, hq, lq, num_splits), dtype=torch.float32, device=q.device)
+    m_part, l_part = torch.empty((2, b, hq, lq, num_splits), dtype=torch.float32,
+                                 device=q.device)
+    natural = mask is not None and mask.dtype != torch.bool  # additive: natural-unit scores
     # Without int8 the scale pointers are unused: any tensor with zero strides will do.
     ks = (k_scale, *k_scale.stride()) if quantized else (q, 0, 0, 0)
     vs = (v_scale, *v_scale.stride()) if quantized else (q, 0, 0, 0)
     # The mask is read through the strides of its broadcast view: stride 0 on broadcast dims.
     ms = (q, 0, 0, 0, 0) if mask is None else (mask, *mask.expand(b, hq, lq, -1).stride())
     _paged_split_kernel[(b * hkv, num_splits, triton.cdiv(rows, bm))](
-        o_part, lse_part, q, *q.stride(), k_pool, *k_pool.stride(), v_pool, *v_pool.stride(),
+        o_part, m_part, l_part, q, *q.stride(), k_pool, *k_pool.stride(), v_pool, *v_pool.stride(),
         *ks, *vs, block_table, *block_table.stride(), seq_lens, *ms,
-        hq, hkv, lq, d, dv, block_size, num_splits, float(scale) * LOG2E.value,
+        hq, hkv, lq, d, dv, block_size, num_splits,
+        float(scale) * (1.0 if natural else LOG2E.value),
         HAS_MASK=mask is not None, BOOL_MASK=mask is not None and mask.dtype == torch.bool,
-        IS_CAUSAL=bool(is_causal), QUANTIZED=quantized,
+        IS_CAUSAL=bool(is_causal), NATURAL=natural, QUANTIZED=quantized,
         DOT_IN_FP32=interpreting() and q.dtype == torch.bfloat16, SPLIT_LEN=chunk,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=triton.next_power_of_2(d),
         BLOCK_DV=triton.next_power_of_2(dv), num_warps=4)
     _paged_merge_kernel[(b * hq * lq,)](
-        out, o_part, lse_part, seq_lens, hq, lq, dv, num_splits, SPLIT_LEN=chunk,
+        out, o_part, m_part, l_part, seq_lens, hq, lq, dv, num_splits, NATURAL=natural,
+        SPLIT_LEN=chunk,
         BLOCK_S=min(16, triton.next_power_of_2(num_splits)),
         BLOCK_DV=triton.next_power_of_2(dv))
     return out
