@@ -15,6 +15,7 @@ a guard, so matching cannot cause a recompile.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -50,6 +51,14 @@ class Layout:
 
 def same(a: object, b: object) -> bool:
     return statically_known_true(a == b)
+
+
+def broadcasts_into(small: Sequence, big: Sequence) -> bool:
+    """Whether a tensor of shape `small` broadcasts to `big` without enlarging it."""
+    if len(small) > len(big):
+        return False
+    return all(same(a, 1) or same(a, b)
+               for a, b in zip(reversed(small), reversed(big), strict=False))
 
 
 def source_layout(name: str, shape: torch.Size) -> Layout:

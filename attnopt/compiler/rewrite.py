@@ -14,8 +14,9 @@ from torch._prims_common import (
 )
 
 from attnopt.compiler.graph import insert_call
+from attnopt.compiler.layout import same
 from attnopt.compiler.options import Options
-from attnopt.compiler.pattern import Rule, erase_unused, root_targets
+from attnopt.compiler.pattern import Refusal, Rule, erase_unused, root_targets
 
 aten = torch.ops.aten
 
@@ -45,6 +46,7 @@ class PatternPass:
     def apply(self, gm: fx.GraphModule, ctx: Any) -> int:
         graph, rewrites = gm.graph, 0
         explained: set[fx.Node] = set()  # inside a candidate already refused with its reason
+        refused: list[tuple[fx.Node, Refusal]] = []
         for node in reversed(list(graph.nodes)):
             if getattr(node, "_erased", False):
                 continue
@@ -54,8 +56,13 @@ class PatternPass:
                 if match is None:
                     refusal = refusal or why
                     continue
+                before = node.prev
                 with graph.inserting_before(node):
                     new = _same_layout(graph, rule.rewrite(match, graph, ctx), node)
+                if reason := _changes_value_type(node, new):  # a bug in a rule: never silent
+                    _erase_between(graph, before, node)
+                    refusal = refusal or Refusal(f"{rule.name}: {reason}", match.nodes)
+                    continue
                 new.meta.setdefault("stack_trace", node.meta.get("stack_trace"))
                 new.meta["attnopt_rule"] = f"{self.name}.{rule.name}"
                 node.replace_all_uses_with(new)
@@ -64,12 +71,35 @@ class PatternPass:
                 break
             else:
                 if refusal and node not in explained:
-                    ctx.reject(node, refusal.reason)
+                    refused.append((node, refusal))
                     explained.update(refusal.nodes)
+        # A candidate one rule refused may have been taken by another rule anchored further in
+        # (the batched form inside a refused written-out one): then it was not left alone.
+        for node, refusal in refused:
+            if not any(getattr(n, "_erased", False) for n in refusal.nodes):
+                ctx.reject(node, refusal.reason)
         if rewrites:
             # Producers only the replaced nodes read (a mask's where(), say) are dead now.
             graph.eliminate_dead_code()
         return rewrites
+
+
+def _changes_value_type(old: fx.Node, new: fx.Node) -> str | None:
+    """Why `new` cannot stand in for `old`: another dtype, rank or size (compared without
+    guards), or None. The rules' checks should make this impossible; this is the backstop."""
+    a, b = old.meta.get("val"), new.meta.get("val")
+    if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
+        return None
+    if a.dtype != b.dtype or a.dim() != b.dim() or not all(map(same, a.shape, b.shape)):
+        return (f"the rewrite would give {b.dtype} {list(b.shape)} where the graph has "
+                f"{a.dtype} {list(a.shape)}")
+    return None
+
+
+def _erase_between(graph: fx.Graph, before: fx.Node, node: fx.Node) -> None:
+    """Erase the nodes a rewrite inserted between `before` and `node`, last first."""
+    while node.prev is not before:
+        graph.erase_node(node.prev)
 
 
 def _same_layout(graph: fx.Graph, new: fx.Node, old: fx.Node) -> fx.Node:

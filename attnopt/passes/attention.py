@@ -64,7 +64,14 @@ from attnopt.compiler.pattern import (
     is_tensor_node,
 )
 from attnopt.compiler.rewrite import PatternPass
-from attnopt.passes.softmax import dtype_of, softmax_dim, softmax_of, softmax_scale, widening_cast
+from attnopt.passes.softmax import (
+    chain_problem,
+    dtype_of,
+    softmax_dim,
+    softmax_of,
+    softmax_scale,
+    widening_cast,
+)
 
 aten, prims = torch.ops.aten, torch.ops.prims
 
@@ -137,6 +144,28 @@ def _repeat_problem(m: Match, name: str) -> str | None:
     return None if same else f"{name} expand {sizes} / reshape {out} is not repeat_kv"
 
 
+def qkv_problem(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
+    """Why q, k, v are not the op's q [B, Hq, Lq, D], k [B, Hkv, Lk, D], v [B, Hkv, Lk, Dv]
+    with Hq a multiple of Hkv, or None. K/V broadcast over the batch, or V with other heads than
+    K, would be read out of bounds by a kernel that indexes them per sequence and KV head."""
+    if not (q.dim() == k.dim() == v.dim() == 4):
+        return f"q/k/v of rank {q.dim()}/{k.dim()}/{v.dim()}; the op takes [B, H, L, D]"
+    if not (layout.same(k.shape[0], q.shape[0]) and layout.same(v.shape[0], q.shape[0])):
+        return (f"batch sizes q {q.shape[0]}, k {k.shape[0]}, v {v.shape[0]} differ: K/V "
+                "broadcast over the batch")
+    if not (layout.same(v.shape[1], k.shape[1]) and layout.same(v.shape[2], k.shape[2])):
+        return f"v {list(v.shape)} has other heads or length than k {list(k.shape)}"
+    if not layout.same(k.shape[3], q.shape[3]):
+        return f"head dims of q ({q.shape[3]}) and k ({k.shape[3]}) differ"
+    if not statically_known_true(q.shape[1] % k.shape[1] == 0):
+        return f"{q.shape[1]} query heads are not a multiple of {k.shape[1]} KV heads"
+    return None
+
+
+def _scores_shape(q: torch.Tensor, k: torch.Tensor) -> list:
+    return [q.shape[0], q.shape[1], q.shape[2], k.shape[2]]
+
+
 def check(m: Match, ctx=None) -> str | None:
     for name in "kv":
         if reason := _repeat_problem(m, name):
@@ -144,18 +173,15 @@ def check(m: Match, ctx=None) -> str | None:
     if m["dropout_p"] != 0.0:
         return f"dropout_p={m['dropout_p']}: attention with dropout (training) is left to ATen"
     qv, kv, vv = _val(m["q"]), _val(m["k"]), _val(m["v"])
-    if not (qv.dim() == kv.dim() == vv.dim() == 4):
-        return f"q/k/v of rank {qv.dim()}/{kv.dim()}/{vv.dim()}; the op takes [B, H, L, D]"
-    if not statically_known_true(qv.shape[1] % kv.shape[1] == 0):
-        return f"{qv.shape[1]} query heads are not a multiple of {kv.shape[1]} KV heads"
+    if reason := qkv_problem(qv, kv, vv):
+        return reason
     if m["is_causal"] and not statically_known_true(qv.shape[2] == kv.shape[2]):
         return ("is_causal with q_len != kv_len: SDPA aligns the mask top-left, "
                 "attnopt::attention bottom-right")
     if m.get("mask") is not None:
-        mv = _val(m["mask"])
-        target = (qv.shape[0], qv.shape[1], qv.shape[2], kv.shape[2])
-        if mv.dim() > 4 or torch.broadcast_shapes(mv.shape, target) != torch.Size(target):
-            return f"mask of shape {list(mv.shape)} does not broadcast to {list(target)}"
+        mv, target = _val(m["mask"]), _scores_shape(qv, kv)
+        if not layout.broadcasts_into(mv.shape, target):
+            return f"mask of shape {list(mv.shape)} does not broadcast to {target}"
     return None
 
 
@@ -173,7 +199,9 @@ def is_standard_causal(mask: fx.Node, q: torch.Tensor, k: torch.Tensor) -> bool:
     """Whether `mask` is a constant equal to the causal pattern: query i attends exactly keys
     j <= i + Lk - Lq (a boolean True there, or an additive 0 there and a value at or below
     half the dtype's minimum elsewhere, which exp() turns into exactly 0 in every row that
-    keeps its diagonal). Then the kernel needs the flag, not the tensor."""
+    keeps its diagonal). Then the kernel needs the flag, not the tensor. With Lq > Lk the
+    first Lq - Lk rows keep no key: the flag gives them 0, as -inf gives them, but a finite
+    fill averages V there, so an additive mask with finite fills is no causal flag then."""
     if "attnopt_causal" not in mask.meta:
         mask.meta["attnopt_causal"] = _evaluate_causal(mask, q.shape[-2], k.shape[-2])
     return mask.meta["attnopt_causal"]
@@ -190,7 +218,10 @@ def _evaluate_causal(mask: fx.Node, lq: int, lk: int) -> bool:
         if value.dtype == torch.bool:
             return bool((value == keep).all())
         floor = torch.finfo(value.dtype).min / 2
-        return bool(((value == 0) == keep).all() and (value[..., ~keep] <= floor).all())
+        masked = value[..., ~keep]
+        if lq > lk and bool(masked.isfinite().any()):
+            return False
+        return bool(((value == 0) == keep).all() and (masked <= floor).all())
 
 
 def _mask_or_causal(attn_mask: fx.Node | None, is_causal: bool, q: torch.Tensor,
@@ -217,14 +248,39 @@ def rewrite(m: Match, graph: fx.Graph, ctx) -> fx.Node:
 
 def flat_matmul(a: Pattern, b: Pattern, name: str) -> Pattern:
     """A 4-D matmul as aten.matmul lowers it: expand both sides, fold batch and heads into one
-    dim (a view, or a clone and a view when the strides do not allow one), bmm, unfold."""
+    dim (a view, or a clone and a view when the strides do not allow one), bmm, unfold. The
+    nodes are captured as `{name}` (the unfolded result), `{name}_a`/`{name}_b` (the expands):
+    `matmul_problem` checks that every size in between is the one the lowering writes."""
 
-    def flat(side: Pattern) -> Pattern:
-        expanded = Call(aten.expand.default, side, ANY)
+    def flat(side: Pattern, tag: str) -> Pattern:
+        expanded = Call(aten.expand.default, side, ANY, name=f"{name}_{tag}")
         maybe_copied = Call(aten.clone.default, expanded, memory_format=ANY) | expanded
         return Call(_VIEWS, maybe_copied, ANY)
 
-    return Call(_VIEWS, Call(aten.bmm.default, flat(a), flat(b)), Literal(f"{name}_shape"))
+    return Call(_VIEWS, Call(aten.bmm.default, flat(a, "a"), flat(b, "b")), ANY, name=name)
+
+
+def matmul_problem(m: Match, name: str) -> str | None:
+    """Why the views around the bmm captured as `name` are not a [B, H] batched matmul of the
+    expanded sides ([B, H, r, c] @ [B, H, c, n] -> [B·H, r, c] @ [B·H, c, n] -> [B, H, r, n]),
+    or None: a view that regroups rows, or a broadcast the op cannot read, changes the math."""
+    a, b = _val(m[f"{name}_a"]), _val(m[f"{name}_b"])
+    out = _val(m[name])
+    if not (a.dim() == b.dim() == out.dim() == 4):
+        return f"{name}: a matmul of rank {a.dim()} and {b.dim()}; the op takes [B, H, L, D]"
+    batch = list(a.shape[:2])
+    bmm = m[name].args[0]
+    x, y = (_val(n) for n in bmm.args)
+    flat = batch[0] * batch[1]
+    want = {"a": [flat, a.shape[2], a.shape[3]], "b": [flat, b.shape[2], b.shape[3]],
+            "out": [*batch, a.shape[2], b.shape[3]]}
+    got = {"a": list(x.shape), "b": list(y.shape), "out": list(out.shape)}
+    if not all(map(layout.same, b.shape[:2], batch)) or not all(
+            len(got[t]) == len(want[t]) and all(map(layout.same, got[t], want[t]))
+            for t in want):
+        return (f"{name}: the views around the bmm are not the batched matmul of "
+                f"{list(a.shape)} and {list(b.shape)}")
+    return None
 
 
 _VIEWS = (aten.view.default, aten._unsafe_view.default, aten.reshape.default)
@@ -243,11 +299,16 @@ def _is_last_two(m: Match) -> bool:
 
 
 def check_written_out(m: Match, ctx=None) -> str | None:
-    qv, kv = _val(m["q"]), _val(m["k"])
+    qv, kv, vv = _val(m["q"]), _val(m["k"]), _val(m["v"])
     if qv.dim() != 4 or kv.dim() != 4:
         return f"q/k of rank {qv.dim()}/{kv.dim()}; the op takes [B, H, L, D]"
     if not _is_last_two(m):
         return "k is not transposed over its last two dims: not q @ kᵀ"
+    for name in ("scores", "out"):
+        if reason := matmul_problem(m, name):
+            return reason
+    if reason := chain_problem(m, _val(m["scores"]).shape):
+        return reason
     if softmax_dim(m) % 4 != 3:
         return f"softmax over dim {softmax_dim(m)}, not over the keys"
     if dtype_of(m.anchor) != qv.dtype:
@@ -258,14 +319,7 @@ def check_written_out(m: Match, ctx=None) -> str | None:
     for name in "kv":
         if reason := _repeat_problem(m, name):
             return reason
-    if not statically_known_true(qv.shape[1] % kv.shape[1] == 0):
-        return f"{qv.shape[1]} query heads are not a multiple of {kv.shape[1]} KV heads"
-    if "bias" in m.captures:
-        target = (qv.shape[0], qv.shape[1], qv.shape[2], kv.shape[2])
-        bv = _val(m["bias"])
-        if bv.dim() > 4 or torch.broadcast_shapes(bv.shape, target) != torch.Size(target):
-            return f"bias of shape {list(bv.shape)} does not broadcast to {list(target)}"
-    return None
+    return qkv_problem(qv, kv, vv)
 
 
 def rewrite_written_out(m: Match, graph: fx.Graph, ctx) -> fx.Node:
@@ -371,6 +425,8 @@ def batched_plan(m: Match) -> tuple[dict, int] | str:
     axes = layout.drop_units(scores.axes, scores)
     if tuple(d for a in axes[:-2] for d in a) != q.batch or axes[-2:] != (q.rows, k.cols):
         return f"the scores are not laid out [batch..., q, k] (axes {axes})"
+    if reason := chain_problem(m, _val(m["scores"]).shape):
+        return reason
     if softmax_dim(m) % len(scores.axes) != len(scores.axes) - 1:
         return f"softmax over dim {softmax_dim(m)}, not over the keys"
     probs = layout.trace(m["probs"], {_chain_source(m["probs"]): scores})

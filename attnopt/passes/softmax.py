@@ -18,6 +18,7 @@ import torch
 import torch.fx as fx
 
 from attnopt.backends import ops  # noqa: F401  (registers torch.ops.attnopt.*)
+from attnopt.compiler import layout
 from attnopt.compiler.graph import insert_call
 from attnopt.compiler.pattern import (
     ANY,
@@ -148,19 +149,13 @@ def _shape(node: fx.Node) -> torch.Size:
     return node.meta["val"].shape
 
 
-def _broadcasts_into(small: torch.Size, big: torch.Size) -> bool:
-    try:
-        return torch.broadcast_shapes(small, big) == big
-    except RuntimeError:
-        return False
-
-
-def check(m: Match, ctx=None) -> str | None:
-    if dtype_of(m.anchor) is None or dtype_of(m["x"]) is None:
-        return "no dtype information on the graph (meta['val'] missing)"
-    if "scale_tensor" in m.captures:  # the shorter match, with the multiply outside, follows
-        return "the scale is a tensor; the op takes a number"
-    rank = len(_shape(m["x"]))
+def chain_problem(m: Match, scores: torch.Size) -> str | None:
+    """Why the chain `softmax_of` matched is not softmax(where(mask, fill, x · scale + bias),
+    dim) over scores of shape `scores`, or None. Every constant its meaning hangs on is
+    checked, in every pass that reuses the chain: a decomposed softmax reduces its max and its
+    sum over one and the same dim; the bias and the mask broadcast into the scores (never
+    enlarging them); the softmax computes in no wider dtype than the op (fp32)."""
+    rank = len(scores)
     if rank == 0:
         return "softmax of a 0-dim tensor"
     if "max_dims" in m.captures:
@@ -168,10 +163,21 @@ def check(m: Match, ctx=None) -> str | None:
         if len(amax) != 1 or len(total) != 1 or amax[0] % rank != total[0] % rank:
             return f"amax over {amax} but sum over {total}: not a softmax over one dim"
     for part in ("bias", "mask"):
-        if part in m.captures and not _broadcasts_into(_shape(m[part]), _shape(m["x"])):
+        if part in m.captures and not layout.broadcasts_into(_shape(m[part]), scores):
             return (f"{part} of shape {list(_shape(m[part]))} does not broadcast into scores "
-                    f"of shape {list(_shape(m['x']))}")
+                    f"of shape {list(scores)}")
+    wide = m.get("dtype_arg")
+    if wide == torch.float64 and dtype_of(m["x"]) != torch.float64:
+        return "softmax computed in float64 of narrower scores; the op computes in float32"
     return None
+
+
+def check(m: Match, ctx=None) -> str | None:
+    if dtype_of(m.anchor) is None or dtype_of(m["x"]) is None:
+        return "no dtype information on the graph (meta['val'] missing)"
+    if "scale_tensor" in m.captures:  # the shorter match, with the multiply outside, follows
+        return "the scale is a tensor; the op takes a number"
+    return chain_problem(m, _shape(m["x"]))
 
 
 def rewrite(m: Match, graph: fx.Graph, ctx) -> fx.Node:
