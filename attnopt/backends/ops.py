@@ -154,10 +154,33 @@ def attention(
     return _attention_cpu(q, k, v, mask, is_causal, scale)
 
 
+def _all_finite(*tensors: Tensor | None) -> bool:
+    """Whether no element of the tensors is NaN or ±inf: one reduction each, in fp32 or wider
+    (a sum that overflows says False, which only sends the caller to its exact fallback)."""
+    return all(t is None or bool(torch.isfinite(t.sum(dtype=reference.compute_dtype(t.dtype))))
+               for t in tensors)
+
+
+def _sdpa_dtype(q: Tensor, mask: Tensor | None) -> torch.dtype:
+    """The dtype SDPA must run in to add an additive mask in its own precision: SDPA takes the
+    mask in q's dtype, and rounding an fp32 bias (ALiBi, relative positions) to bf16 moves the
+    scores by up to a percent of its size. Eager upcast the scores to add it."""
+    if mask is None or mask.dtype == torch.bool:
+        return q.dtype
+    return torch.promote_types(q.dtype, mask.dtype)
+
+
 def _attention_cpu(q, k, v, mask, is_causal, scale) -> Tensor:
     """ATen's SDPA (flash on CPU), which reads grouped K/V without repeating them. SDPA's causal
     flag is top-left aligned and excludes a mask; ours is bottom-right and combines with one, so
-    outside the case where they agree the causal part is folded into the mask."""
+    outside the case where they agree the causal part is folded into the mask.
+
+    SDPA's CPU kernel gives 0 for a row whose query holds a NaN, and NaN for a row with a
+    non-finite key at a position the mask drops; the op's semantics (`reference.attention`)
+    are eager's: NaN, and the dropped key ignored. Inputs holding NaN or inf take the reference
+    path, which costs one reduction of q, k and v to find out."""
+    if not _all_finite(q, k, v):
+        return reference.attention(q, k, v, mask, is_causal, scale)
     lq, lk = q.shape[-2], k.shape[-2]
     if is_causal and (lq != lk or mask is not None):
         keep = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(lk - lq)
@@ -166,11 +189,13 @@ def _attention_cpu(q, k, v, mask, is_causal, scale) -> Tensor:
         else:
             mask = mask & keep if mask.dtype == torch.bool else mask.masked_fill(~keep, -math.inf)
         is_causal = False
+    dtype = _sdpa_dtype(q, mask)
     if mask is not None and mask.dtype != torch.bool:
-        mask = mask.to(q.dtype)
-    return torch.nn.functional.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale,
-        enable_gqa=q.shape[1] != k.shape[1]).contiguous()
+        mask = mask.to(dtype)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.to(dtype), k.to(dtype), v.to(dtype), attn_mask=mask, is_causal=is_causal, scale=scale,
+        enable_gqa=q.shape[1] != k.shape[1])
+    return out.to(q.dtype).contiguous()
 
 
 @attention.register_fake
@@ -359,19 +384,15 @@ def _softmax_as_aten(x, dim, scale, bias, mask, fill, keep_mask=False, safe=Fals
     return reference.softmax(x, dim, scale, bias, mask, fill, keep_mask, safe, dtype)
 
 
-def _attention_as_aten(q, k, v, mask, is_causal, scale, impl="auto"):
-    if q.is_cuda or impl != "auto":
-        return NotImplemented
-    return _attention_cpu(q, k, v, mask, is_causal, scale)
-
-
 def inductor_decompositions() -> dict:
     """Ops whose CPU path is plain ATen math, given to Inductor as that math on CPU tensors so
     it fuses them into its loops (an opaque call would be slower there); elsewhere they stay
     opaque calls to our kernels."""
     return {
         torch.ops.attnopt.softmax.default: _softmax_as_aten,
-        torch.ops.attnopt.attention.default: _attention_as_aten,
+        # attnopt::attention stays opaque: its CPU path is one SDPA call that Inductor would
+        # call as it is, behind a check of the inputs for NaN/inf that picks the exact
+        # reference path, a data-dependent branch Inductor's trace cannot hold.
         # attnopt::moe stays opaque: its CPU path validates the ids (a data-dependent error),
         # sorts and bins them, and picks torch._grouped_mm or a loop over the non-empty experts
         # from the operands' strides; Inductor would only call the same ATen kernels. So does
@@ -463,7 +484,8 @@ def _paged_attention_cpu(q, k_pool, v_pool, block_table, seq_lens, scale, is_cau
     """One batched SDPA (which reads grouped K/V unrepeated) over K/V gathered from the blocks
     up to the longest sequence, with a boolean mask for the ragged lengths and the bottom-right
     causal part, combined with the model's mask. Reading seq_lens costs nothing on CPU
-    tensors."""
+    tensors. Non-finite inputs take the reference path and an additive mask wider than q runs
+    SDPA in its dtype, as in `_attention_cpu`."""
     reference.check_paged_attention(q, k_pool, v_pool, block_table, seq_lens, k_scale, v_scale,
                                     mask)
     b, hq, lq, _ = q.shape
@@ -483,6 +505,11 @@ def _paged_attention_cpu(q, k_pool, v_pool, block_table, seq_lens, scale, is_cau
             x = reference.dequantize_kv(x, _blocks(pool_scale, ids), q.dtype)
         return x.to(q.dtype).transpose(1, 2)
 
+    k, v = gather(k_pool, k_scale), gather(v_pool, v_scale)
+    if not _all_finite(q, k, v):  # stale blocks past a length are never read: see `ids`
+        return reference.paged_attention(q, k_pool, v_pool, block_table, seq_lens, scale,
+                                         is_causal, k_scale, v_scale, mask)
+
     keys = torch.arange(nb * block_size, device=q.device)
     keep = keys < lens[:, None, None]  # [B, 1, Lk]
     if is_causal:
@@ -491,14 +518,15 @@ def _paged_attention_cpu(q, k_pool, v_pool, block_table, seq_lens, scale, is_cau
     # SDPA takes one mask: the model's, cut to the gathered keys, with ours folded in (as -inf
     # into an additive one, which SDPA wants in q's dtype). Rows left with no key come out of
     # SDPA as 0 (torch >= 2.5), from a bool mask and from an all -inf float one alike.
-    attn_mask = keep[:, None]
+    attn_mask, dtype = keep[:, None], _sdpa_dtype(q, mask)
     if mask is not None:
         mask = mask[..., :nb * block_size]
         attn_mask = (attn_mask & mask if mask.dtype == torch.bool
-                     else torch.where(attn_mask, mask.to(q.dtype), -math.inf))
-    return torch.nn.functional.scaled_dot_product_attention(
-        q, gather(k_pool, k_scale), gather(v_pool, v_scale), attn_mask=attn_mask,
-        scale=scale, enable_gqa=hq != hkv).contiguous()
+                     else torch.where(attn_mask, mask.to(dtype), -math.inf))
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.to(dtype), k.to(dtype), v.to(dtype), attn_mask=attn_mask, scale=scale,
+        enable_gqa=hq != hkv)
+    return out.to(q.dtype).contiguous()
 
 
 @paged_attention.register_fake
