@@ -16,6 +16,7 @@ from torch._prims_common import (
 from attnopt.compiler.graph import insert_call
 from attnopt.compiler.options import Options
 from attnopt.compiler.pattern import Rule, erase_unused, root_targets
+from attnopt.compiler.subgraph import describe, nodes_between
 
 aten = torch.ops.aten
 
@@ -54,17 +55,20 @@ class PatternPass:
                 if match is None:
                     refusal = refusal or why
                     continue
+                replaced, previous = describe(match.nodes), node.prev  # for the report's picture
                 with graph.inserting_before(node):
                     new = _same_layout(graph, rule.rewrite(match, graph, ctx), node)
                 new.meta.setdefault("stack_trace", node.meta.get("stack_trace"))
                 new.meta["attnopt_rule"] = f"{self.name}.{rule.name}"
+                added = nodes_between(previous, node)
                 node.replace_all_uses_with(new)
                 erase_unused(graph, match.nodes)
+                ctx.rewritten(new.meta["attnopt_rule"], replaced, added)
                 rewrites += 1
                 break
             else:
                 if refusal and node not in explained:
-                    ctx.reject(node, refusal.reason)
+                    ctx.reject(node, refusal.reason, refusal.nodes)
                     explained.update(refusal.nodes)
         if rewrites:
             # Producers only the replaced nodes read (a mask's where(), say) are dead now.
