@@ -4,8 +4,8 @@ from producer to consumer, top to bottom.
 The layout is grandalf's Sugiyama layout (pure Python, no Graphviz binary): nodes are put on
 layers so every edge points down, edges longer than one layer get dummy nodes to bend through,
 node orders per layer are improved by barycenter sweeps to reduce crossings, and x coordinates
-come from Brandes-Köpf alignment (the median of four aligned placements). That is the scheme
-`dot` uses; the pictures are a few dozen nodes, so it takes milliseconds each.
+come from Brandes-Köpf alignment (the mean of the middle two of four aligned placements).
+`dot` works the same way; the pictures are a few dozen nodes, so each takes milliseconds.
 
 The SVG carries classes, not colours: the page's stylesheet says how a replaced node, an added
 node, a refused candidate, a context node and the culprit look, and the arrow head is one
