@@ -18,6 +18,7 @@ import torch.fx as fx
 from attnopt.compiler.graph import count_ops, render
 from attnopt.compiler.options import Options
 from attnopt.compiler.report import PassRecord
+from attnopt.compiler.subgraph import Rewrite, Subgraph, describe
 
 
 @dataclass
@@ -30,9 +31,19 @@ class PassContext:
     exporting: bool = False
     rejected: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    # For the report's pictures: one per rewrite, and one per rejected line (same order).
+    rewrites: list[Rewrite] = field(default_factory=list)
+    refused: list[Subgraph] = field(default_factory=list)
 
-    def reject(self, node: fx.Node, reason: str) -> None:
+    def reject(self, node: fx.Node, reason: str, candidate: Sequence[fx.Node] = ()) -> None:
+        """`candidate`: the nodes of the near-match, when the pass knows them."""
         self.rejected.append(f"{node.name}: {reason}")
+        self.refused.append(describe(dict.fromkeys((*candidate, node)), marked=(node,)))
+
+    def rewritten(self, rule: str, replaced: Subgraph, added: Sequence[fx.Node]) -> None:
+        """`replaced`: the matched region, described before the graph changed; `added`: the
+        nodes the rewrite inserted, once they replace it."""
+        self.rewrites.append(Rewrite(rule, replaced, describe(added)))
 
     def note(self, text: str) -> None:
         self.notes.append(text)
@@ -80,6 +91,7 @@ def run_pipeline(
             nodes_after=count_ops(gm.graph), seconds=time.perf_counter() - start, error=error,
             notes=ctx.notes if error is None else [], skipped=skipped,
             counts_as=p.counts_as, before=before, after=render(gm.graph),
+            rewritten=ctx.rewrites if error is None else [], refused=ctx.refused,
         ))
     return records
 

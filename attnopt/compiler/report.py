@@ -1,9 +1,9 @@
-"""What each compile did: counts, one record per pass, diffs and a self-contained HTML page."""
+"""What each compile did: counts, one record per pass, diffs and a self-contained HTML page
+(`report_html.py`)."""
 
 from __future__ import annotations
 
 import difflib
-import html
 import itertools
 import json
 import threading
@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from attnopt.compiler.graph import node_names
+from attnopt.compiler.report_html import page
+from attnopt.compiler.subgraph import Rewrite, Subgraph
 
 COUNT_KEYS = ("attention", "softmax", "moe", "w4a16_linear", "linear_fusion", "kv_cache")
 
@@ -30,6 +32,10 @@ class PassRecord:
     counts_as: str | None = field(default=None, repr=False)
     before: list[str] = field(default_factory=list, repr=False)  # rendered graph
     after: list[str] = field(default_factory=list, repr=False)
+    # The pictures: the region and its replacement per rewrite, and each rejected candidate
+    # (refused[i] pictures rejected[i]). Passes that do not record these have none.
+    rewritten: list[Rewrite] = field(default_factory=list, repr=False)
+    refused: list[Subgraph] = field(default_factory=list, repr=False)
 
     def changed(self) -> tuple[set[str], set[str]]:
         """(names of nodes this pass removed, names of nodes it added)."""
@@ -119,7 +125,7 @@ class CompileReport:
         Path(path).write_text(json.dumps(self.as_dict(), indent=2, default=str))
 
     def write_html(self, path: str | Path) -> None:
-        Path(path).write_text(_html(self))
+        Path(path).write_text(page(self))
 
     def write(self, directory: str | Path) -> Path:
         """Write graph<N>.html and graph<N>.json into `directory`; returns the HTML path."""
@@ -155,73 +161,3 @@ def reports() -> list[CompileReport]:
 def clear_reports() -> None:
     with _lock:
         _reports.clear()
-
-
-# --- HTML ---------------------------------------------------------------------------------------
-
-_CSS = """
-body{font:14px/1.4 system-ui,sans-serif;margin:2em;color:#222}
-h1{font-size:1.4em} h2{font-size:1.15em;margin-top:2em;border-bottom:1px solid #ccc}
-table.counts td,table.counts th{padding:2px 10px;text-align:left}
-.cols{display:flex;gap:1em} .col{flex:1;min-width:0}
-pre{background:#f7f7f7;padding:.6em;overflow-x:auto;font-size:12px;margin:0}
-.del{background:#fdd} .add{background:#dfd} .err{color:#a00;white-space:pre-wrap}
-.rej{color:#8a5a00} .muted{color:#777} summary{cursor:pointer;margin:1em 0 .3em}
-"""
-
-
-def _graph_block(lines: list[str], highlight: set[str], cls: str) -> str:
-    out = []
-    for line in lines:
-        name = line.split(" = ", 1)[0]
-        text = html.escape(line)
-        out.append(f'<span class="{cls}">{text}</span>' if name in highlight else text)
-    return "<pre>" + "\n".join(out) + "</pre>"
-
-
-def _diff_block(diff: str) -> str:
-    lines = diff.splitlines()[2:]  # the ---/+++ header says nothing the page does not
-    cls = {"-": "del", "+": "add", "@": "muted"}
-    return "<pre>" + "\n".join(
-        f'<span class="{cls[line[0]]}">{html.escape(line)}</span>' if line[:1] in cls
-        else html.escape(line) for line in lines) + "</pre>"
-
-
-def _html(r: CompileReport) -> str:
-    counts = "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in r.counts.items())
-    body = [
-        f"<h1>attnopt report: graph {r.graph_id}</h1>",
-        f"<p>{'training' if r.training else 'inference'} graph, {r.frozen_weights} frozen "
-        f"weights, inner compiler <b>{html.escape(r.inner)}</b></p>",
-        f'<table class="counts">{counts}</table>',
-        "".join(f"<p class='muted'>note: {html.escape(n)}</p>" for n in r.notes),
-    ]
-    for p in r.passes:
-        removed, added = p.changed()
-        status = "failed, rolled back" if p.error else f"{p.rewrites} rewrites"
-        if p.skipped:
-            status = f"skipped ({p.skipped})"
-        body.append(f"<h2>pass {html.escape(p.name)}: {status}</h2>")
-        body.append(f"<p class='muted'>nodes {p.nodes_before} → {p.nodes_after}, "
-                    f"{p.seconds * 1e3:.1f} ms</p>")
-        if p.error:
-            body.append(f"<p class='err'>{html.escape(p.error)}</p>")
-        if p.rejected:
-            items = "".join(f"<li>{html.escape(x)}</li>" for x in p.rejected)
-            body.append(f"<p>Rejected candidates:</p><ul class='rej'>{items}</ul>")
-        if p.notes:
-            items = "".join(f"<li>{html.escape(x)}</li>" for x in p.notes)
-            body.append(f"<p>Notes:</p><ul>{items}</ul>")
-        if removed or added:
-            body.append("<h3>changes</h3>" + _diff_block(r.diff(p.name)))
-            body.append(
-                "<details open><summary>whole graph, before and after</summary>"
-                "<div class='cols'><div class='col'><h3>before</h3>"
-                + _graph_block(p.before, removed, "del")
-                + "</div><div class='col'><h3>after</h3>"
-                + _graph_block(p.after, added, "add") + "</div></div></details>")
-        else:
-            body.append("<p class='muted'>graph unchanged</p>")
-    return ("<!doctype html><html><head><meta charset='utf-8'>"
-            f"<title>attnopt graph {r.graph_id}</title><style>{_CSS}</style></head><body>"
-            + "\n".join(body) + "</body></html>")

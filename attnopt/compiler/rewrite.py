@@ -17,6 +17,7 @@ from attnopt.compiler.graph import insert_call
 from attnopt.compiler.layout import same
 from attnopt.compiler.options import Options
 from attnopt.compiler.pattern import Refusal, Rule, erase_unused, root_targets
+from attnopt.compiler.subgraph import describe, nodes_between
 
 aten = torch.ops.aten
 
@@ -56,17 +57,19 @@ class PatternPass:
                 if match is None:
                     refusal = refusal or why
                     continue
-                before = node.prev
+                replaced, previous = describe(match.nodes), node.prev  # for the report's picture
                 with graph.inserting_before(node):
                     new = _same_layout(graph, rule.rewrite(match, graph, ctx), node)
                 if reason := _changes_value_type(node, new):  # a bug in a rule: never silent
-                    _erase_between(graph, before, node)
+                    _erase_between(graph, previous, node)
                     refusal = refusal or Refusal(f"{rule.name}: {reason}", match.nodes)
                     continue
                 new.meta.setdefault("stack_trace", node.meta.get("stack_trace"))
                 new.meta["attnopt_rule"] = f"{self.name}.{rule.name}"
+                added = nodes_between(previous, node)
                 node.replace_all_uses_with(new)
                 erase_unused(graph, match.nodes)
+                ctx.rewritten(new.meta["attnopt_rule"], replaced, added)
                 rewrites += 1
                 break
             else:
@@ -77,7 +80,7 @@ class PatternPass:
         # (the batched form inside a refused written-out one): then it was not left alone.
         for node, refusal in refused:
             if not any(getattr(n, "_erased", False) for n in refusal.nodes):
-                ctx.reject(node, refusal.reason)
+                ctx.reject(node, refusal.reason, refusal.nodes)
         if rewrites:
             # Producers only the replaced nodes read (a mask's where(), say) are dead now.
             graph.eliminate_dead_code()

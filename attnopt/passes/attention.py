@@ -314,8 +314,8 @@ def check_written_out(m: Match, ctx=None) -> str | None:
     if dtype_of(m.anchor) != qv.dtype:
         return f"output is {dtype_of(m.anchor)} but q is {qv.dtype}"
     if "mask" in m.captures and m["fill"] != -math.inf:
-        return (f"mask fill {m['fill']} is finite: rows masked everywhere would average V in "
-                "eager and give 0 in the fused kernel")
+        return (f"mask fill {m['fill']} is not -inf: masked_fill replaces the masked scores "
+                "(a row masked everywhere averages V), where the op drops the keys")
     for name in "kv":
         if reason := _repeat_problem(m, name):
             return reason
@@ -435,7 +435,8 @@ def batched_plan(m: Match) -> tuple[dict, int] | str:
     if m.get("beta", 1.0) not in (0.0, 1.0):
         return f"baddbmm beta={m['beta']} scales the added scores"
     if "mask" in m.captures and m["fill"] != -math.inf:
-        return f"mask fill {m['fill']} is finite (fully masked rows would differ)"
+        return (f"mask fill {m['fill']} is not -inf: masked_fill replaces the masked scores "
+                "(a row masked everywhere averages V), where the op drops the keys")
     if len(scores.axes) not in (3, 4) and ({"mask", "bias"} & set(m.captures)):
         return f"a mask on rank-{len(scores.axes)} scores"
     if len(q.batch) > 2 and ({"mask", "bias", "bias3"} & set(m.captures)):

@@ -8,6 +8,7 @@ import torch
 import torch.fx as fx
 
 from attnopt.compiler.graph import insert_call
+from attnopt.compiler.options import Options
 from attnopt.compiler.pattern import (
     ANY,
     Call,
@@ -18,18 +19,16 @@ from attnopt.compiler.pattern import (
     is_number,
     optional,
 )
+from attnopt.compiler.pipeline import PassContext
 from attnopt.compiler.rewrite import PatternPass
 from tests.graphs import aten_graph, ops, structure
 
 aten = torch.ops.aten
 
 
-class Ctx:
+class Ctx(PassContext):
     def __init__(self):
-        self.rejected = []
-
-    def reject(self, node, reason):
-        self.rejected.append(f"{node.name}: {reason}")
+        super().__init__(Options.parse({}), training=False, frozen=True)
 
 
 def anchor(gm, target):
