@@ -53,6 +53,11 @@ def same(a: object, b: object) -> bool:
     return statically_known_true(a == b)
 
 
+def differ(a: object, b: object) -> bool:
+    """Sizes provably unequal (two unrelated symbols are neither `same` nor `differ`)."""
+    return statically_known_true(a != b)
+
+
 def broadcasts_into(small: Sequence, big: Sequence) -> bool:
     """Whether a tensor of shape `small` broadcasts to `big` without enlarging it."""
     if len(small) > len(big):

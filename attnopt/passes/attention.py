@@ -147,15 +147,17 @@ def _repeat_problem(m: Match, name: str) -> str | None:
 def qkv_problem(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
     """Why q, k, v are not the op's q [B, Hq, Lq, D], k [B, Hkv, Lk, D], v [B, Hkv, Lk, Dv]
     with Hq a multiple of Hkv, or None. K/V broadcast over the batch, or V with other heads than
-    K, would be read out of bounds by a kernel that indexes them per sequence and KV head."""
+    K, would be read out of bounds by a kernel that indexes them per sequence and KV head.
+    Sizes are refused only where they provably differ: two symbols the graph does not relate
+    (a past key's and a past value's length, say) are equal whenever eager runs at all."""
     if not (q.dim() == k.dim() == v.dim() == 4):
         return f"q/k/v of rank {q.dim()}/{k.dim()}/{v.dim()}; the op takes [B, H, L, D]"
-    if not (layout.same(k.shape[0], q.shape[0]) and layout.same(v.shape[0], q.shape[0])):
+    if layout.differ(k.shape[0], q.shape[0]) or layout.differ(v.shape[0], q.shape[0]):
         return (f"batch sizes q {q.shape[0]}, k {k.shape[0]}, v {v.shape[0]} differ: K/V "
                 "broadcast over the batch")
-    if not (layout.same(v.shape[1], k.shape[1]) and layout.same(v.shape[2], k.shape[2])):
+    if layout.differ(v.shape[1], k.shape[1]) or layout.differ(v.shape[2], k.shape[2]):
         return f"v {list(v.shape)} has other heads or length than k {list(k.shape)}"
-    if not layout.same(k.shape[3], q.shape[3]):
+    if layout.differ(k.shape[3], q.shape[3]):
         return f"head dims of q ({q.shape[3]}) and k ({k.shape[3]}) differ"
     if not statically_known_true(q.shape[1] % k.shape[1] == 0):
         return f"{q.shape[1]} query heads are not a multiple of {k.shape[1]} KV heads"
