@@ -1,6 +1,11 @@
 """Options: every key a user may pass as `torch.compile(..., options={...})`, validated.
 
-Unknown keys and bad values raise a ValueError that names the key and lists what is valid.
+Unknown keys and bad values (a wrong type included: `group_size=128.0`, `passes=5`) raise a
+ValueError that names the key and says what is valid. torch.compile hands the options to the
+backend only when it compiles, at the compiled model's first call, and Dynamo wraps what the
+backend raises: the error then reaches the caller as `torch._dynamo.exc.BackendCompilerFailed`
+whose message starts "backend='attnopt' raised: ValueError: attnopt: option ...". Check options
+up front with `attnopt.Options.parse(options)`, which raises the ValueError itself.
 """
 
 from __future__ import annotations
@@ -55,19 +60,20 @@ class Options:
                     + "; ".join(f"{k} ({DOCS[k]})" for k in valid)
                 )
         options.setdefault("report_dir", os.environ.get("ATTNOPT_REPORT_DIR") or None)
-        for key in ("passes", "skip"):
-            if isinstance(options.get(key), str):
-                options[key] = [options[key]]
-            if options.get(key) is not None:
-                options[key] = tuple(options[key])
-        parsed = cls(**options)
-        parsed._validate()
-        return parsed
+        return cls(**options)
 
-    def _validate(self) -> None:
+    def __post_init__(self) -> None:
         from attnopt.passes import PASS_NAMES
 
+        for key in ("passes", "skip"):  # frozen: normalised through object.__setattr__
+            object.__setattr__(self, key, _names(key, getattr(self, key),
+                                                 none_ok=key == "passes"))
+
         _one_of("quantize", self.quantize, QUANTIZE)
+        if type(self.group_size) is not int:
+            raise ValueError(f"attnopt: option 'group_size' must be an int, one of "
+                             f"{', '.join(map(str, GROUP_SIZES))}; got {self.group_size!r} "
+                             f"({type(self.group_size).__name__})")
         _one_of("group_size", self.group_size, GROUP_SIZES)
         _one_of("inner", self.inner, INNER)
         _one_of("kernels", self.kernels, KERNELS)
@@ -79,8 +85,6 @@ class Options:
             if name not in PASS_NAMES:
                 raise ValueError(f"attnopt: option 'passes' names unknown pass {name!r}; "
                                  f"valid passes are {list(PASS_NAMES)}")
-        if not all(isinstance(g, str) for g in self.skip):
-            raise ValueError(f"attnopt: option 'skip' must be a list of globs, got {self.skip!r}")
         if self.report_dir is not None and not isinstance(self.report_dir, (str, os.PathLike)):
             raise ValueError(
                 f"attnopt: option 'report_dir' must be a path, got {self.report_dir!r}")
@@ -89,7 +93,21 @@ class Options:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
+def _names(key: str, value: Any, *, none_ok: bool) -> tuple[str, ...] | None:
+    """A list of names (one name alone is a list of one) as a tuple, or a ValueError."""
+    if value is None and none_ok:
+        return None
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    what = {"passes": "pass names (default None: every pass)",
+            "skip": "module-name globs (use [] to quantize every layer)"}[key]
+    raise ValueError(f"attnopt: option {key!r} must be a list of {what}; got {value!r}")
+
+
 def _one_of(key: str, value: Any, valid: tuple) -> None:
-    if value not in valid or isinstance(value, bool):
+    if value not in valid or isinstance(value, bool) or (
+            value is not None and type(value) is not type(next(v for v in valid if v))):
         raise ValueError(f"attnopt: option {key!r} got {value!r}; valid values are "
                          f"{', '.join(map(repr, valid))}")
