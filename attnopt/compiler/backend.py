@@ -6,6 +6,7 @@ attnopt never collides with that registration.
 
 from __future__ import annotations
 
+import operator
 import warnings
 from collections.abc import Callable, Mapping
 from contextlib import nullcontext
@@ -16,6 +17,7 @@ import torch
 import torch.fx as fx
 from functorch.compile import make_boxed_func
 from torch._guards import detect_fake_mode
+from torch._inductor import config as inductor_config
 from torch.utils._pytree import tree_flatten
 
 from attnopt.backends.ops import inductor_decompositions, triton_usable
@@ -104,8 +106,26 @@ def _inner_compile(aten: fx.GraphModule, args: list, opts: Options, report: Comp
     # Frozen weights are real tensors in a graph of fake ones, as with Inductor's own freezing.
     allow_real = mock.patch.object(fake_mode, "allow_non_fake_inputs", True) if fake_mode \
         else nullcontext()
-    with allow_real:
+    _as_frozen_params(aten)
+    # Keep every constant a tensor the compiled code reads (none inlined as literals): a small
+    # parameter updated in place after compiling is then seen, as a large one is.
+    with allow_real, inductor_config.patch(always_keep_tensor_constants=True):
         return compile_fx_inner(aten, args, is_backward=is_backward)
+
+
+def _as_frozen_params(gm: fx.GraphModule) -> None:
+    """Tell Inductor the graph's constants are frozen parameters, as its own freezing does.
+    Its FX graph cache then keys them by shape and dtype (not by value, which would mean
+    copying every weight to a Python list at each compile) and, on a cache hit in a later
+    process, reads them from this graph instead of the artifact: the weights the model holds
+    now, updated in place or another model's, never the ones the artifact was compiled with."""
+    from torch._inductor.freezing_utils import record_has_frozen_params
+
+    for node in gm.graph.find_nodes(op="get_attr"):
+        value = operator.attrgetter(node.target)(gm)
+        if isinstance(value, torch.Tensor):
+            value._is_frozen_param = True  # type: ignore[attr-defined]
+    record_has_frozen_params(gm)
 
 
 def _decompose_for_inductor(aten: fx.GraphModule, args: list) -> fx.GraphModule:
