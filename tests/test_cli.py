@@ -161,7 +161,7 @@ def bad_inputs(t, llama_dir):
         "group size without quantize": (["export", llama_dir, "-o", t / "m.onnx",
                                          "--group-size", "32"], "add --quantize w4a16"),
         "calib without awq": (["quantize", llama_dir, "-o", t / "q", "--calib", t / "file.txt"],
-                              "--calib is read by --method awq only"),
+                              "--calib is read by --method awq, gptq and gptq+awq only"),
         "calib file missing": (["quantize", llama_dir, "-o", t / "q", "--method", "awq",
                                 "--calib", t / "missing.txt"], "missing.txt does not exist"),
         "calib file blank": (["quantize", llama_dir, "-o", t / "q", "--method", "awq",

@@ -116,7 +116,10 @@ def empty_model(directory: Path, dtype: torch.dtype | None) -> nn.Module:
     """The model its config.json describes, parameters on the meta device, offline."""
     import transformers
 
-    config = transformers.AutoConfig.from_pretrained(directory, local_files_only=True)
+    try:
+        config = transformers.AutoConfig.from_pretrained(directory, local_files_only=True)
+    except (OSError, ValueError, KeyError) as e:
+        raise CheckpointError(f"transformers cannot read {directory}/config.json ({e})") from None
     if hasattr(config, "quantization_config"):  # transformers' own quantizers would take over
         del config.quantization_config
     names = getattr(config, "architectures", None) or []
