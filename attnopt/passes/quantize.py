@@ -164,8 +164,9 @@ class QuantizePass:
 
     A model that is int4 already (`Int4Linear`s, from `quantize_model` or `load_quantized`)
     arrives with `w4a16_linear` calls on constant weights: they count as `w4a16_linear` too,
-    whether or not `quantize` is set (issue 18), so the count is the graph's int4 linears.
-    Without `quantize`, nothing else is done."""
+    whether or not `quantize` is set (issue 18), so the count is the graph's int4 linears, and
+    they run on the implementation the `kernels` option names. Without `quantize`, nothing
+    else is done."""
 
     name = "quantize"
     counts_as = "w4a16_linear"
@@ -181,8 +182,11 @@ class QuantizePass:
         return None  # int4 linears already in the graph are counted either way
 
     def apply(self, gm: fx.GraphModule, ctx) -> int:
-        already = sum(1 for node in gm.graph.nodes if node.target is w4a16_linear
-                      and is_constant(node.args[1]))
+        arrived = [node for node in gm.graph.nodes if node.target is w4a16_linear
+                   and is_constant(node.args[1])]
+        for node in arrived:  # the `kernels` option picks their implementation too
+            node.kwargs = {**node.kwargs, "impl": ctx.options.kernels}
+        already = len(arrived)
         if already:
             ctx.note(f"{already} linears arrived in int4 (Int4Linear): counted, kept as they are")
         if ctx.options.quantize != "w4a16":
