@@ -197,7 +197,7 @@ def test_bad_input_is_refused_with_a_message(capsys, monkeypatch, tmp_path, llam
 
 @pytest.mark.parametrize("args", [["export", "M", "-o", "m.onnx", "--quantize", "w8"],
                                   ["quantize", "M", "-o", "q", "--group-size", "100"],
-                                  ["quantize", "M", "-o", "q", "--method", "gptq"],
+                                  ["quantize", "M", "-o", "q", "--method", "hqq"],
                                   ["export", "M"]])
 def test_bad_flags_are_refused_by_the_parser(capsys, args):
     with pytest.raises(SystemExit) as exit_:
