@@ -161,7 +161,7 @@ def bad_inputs(t, llama_dir):
         "group size without quantize": (["export", llama_dir, "-o", t / "m.onnx",
                                          "--group-size", "32"], "add --quantize w4a16"),
         "calib without awq": (["quantize", llama_dir, "-o", t / "q", "--calib", t / "file.txt"],
-                              "--calib is read by --method awq only"),
+                              "--calib is read by --method awq, gptq and gptq+awq only"),
         "calib file missing": (["quantize", llama_dir, "-o", t / "q", "--method", "awq",
                                 "--calib", t / "missing.txt"], "missing.txt does not exist"),
         "calib file blank": (["quantize", llama_dir, "-o", t / "q", "--method", "awq",
@@ -197,7 +197,7 @@ def test_bad_input_is_refused_with_a_message(capsys, monkeypatch, tmp_path, llam
 
 @pytest.mark.parametrize("args", [["export", "M", "-o", "m.onnx", "--quantize", "w8"],
                                   ["quantize", "M", "-o", "q", "--group-size", "100"],
-                                  ["quantize", "M", "-o", "q", "--method", "gptq"],
+                                  ["quantize", "M", "-o", "q", "--method", "hqq"],
                                   ["export", "M"]])
 def test_bad_flags_are_refused_by_the_parser(capsys, args):
     with pytest.raises(SystemExit) as exit_:

@@ -78,15 +78,24 @@ def quantize_rtn(w: Tensor, group_size: int = 128, dtype: torch.dtype | None = N
     kp = padded(k, group_size)
     wf = torch.nn.functional.pad(w.detach().float(), (0, kp - k)).view(n, kp // group_size,
                                                                        group_size)
-    lo = wf.amin(-1).clamp(max=0.0)
-    hi = wf.amax(-1).clamp(min=0.0)
-    scales = ((hi - lo) / 15).clamp(min=torch.finfo(torch.float32).tiny).to(dtype)
+    scales, zeros = scale_and_zero(wf, dtype)
     s = scales.float()
-    zeros = (-lo / s).round().clamp(0, 15)
     q = (wf / s[..., None] + zeros[..., None]).round().clamp(0, 15)
     # The padding columns dequantize to exactly 0 (their code is the zero point).
     q.view(n, kp)[:, k:] = zeros.repeat_interleave(group_size, dim=1)[:, k:]
     return PackedInt4(pack_uint4(q.view(n, kp)), scales, zeros.to(dtype), group_size, k)
+
+
+def scale_and_zero(groups: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(scale in `dtype`, zero point as fp32 integers) of each group, the last dim of fp32
+    `groups` [..., g]: the range [min, max], widened to include 0, onto [0, 15]; the zero is
+    computed against the stored (rounded) scale. GPTQ (`quantization/gptq.py`) calls this too,
+    so its groups are coded exactly as round-to-nearest codes them."""
+    lo = groups.amin(-1).clamp(max=0.0)
+    hi = groups.amax(-1).clamp(min=0.0)
+    scales = ((hi - lo) / 15).clamp(min=torch.finfo(torch.float32).tiny).to(dtype)
+    zeros = (-lo / scales.float()).round().clamp(0, 15)
+    return scales, zeros
 
 
 def dequantize(qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int,

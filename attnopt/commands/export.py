@@ -34,7 +34,8 @@ def run(args: argparse.Namespace) -> int:
         steps.save_onnx(rewritten, tmp / out.name)
         if args.verify:
             result = steps.verify(tmp / out.name, rewritten, loaded, loaded.model,
-                                  quantized=opts.quantize is not None)
+                                  quantized=opts.quantize is not None
+                                  or models.holds_int4(loaded.model))
             show.verification(console, result)
             if not result.ok:
                 console.print(f"{out} not written")

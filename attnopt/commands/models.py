@@ -184,16 +184,19 @@ def _from_directory(path: Path) -> LoadedModel:
     # Weight-loading progress bars and config notices are noise on a command's output.
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
-    try:
-        config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
-        names = getattr(config, "architectures", None) or []
-        cls = getattr(transformers, names[0], None) if names else None
-        cls = cls or transformers.AutoModel
-        model = cls.from_pretrained(path, local_files_only=True, dtype=torch.float32).eval()
-    except (OSError, ValueError, KeyError) as e:
-        raise UsageError(f"MODEL directory {path} could not be loaded by transformers "
-                         f"({describe(e)}). Check that it was written by "
-                         "save_pretrained with this transformers version") from None
+    if is_int4_checkpoint(path):
+        model = _int4_model(path)
+    else:
+        try:
+            config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+            names = getattr(config, "architectures", None) or []
+            cls = getattr(transformers, names[0], None) if names else None
+            cls = cls or transformers.AutoModel
+            model = cls.from_pretrained(path, local_files_only=True, dtype=torch.float32).eval()
+        except (OSError, ValueError, KeyError) as e:
+            raise UsageError(f"MODEL directory {path} could not be loaded by transformers "
+                             f"({describe(e)}). Check that it was written by "
+                             "save_pretrained with this transformers version") from None
     tokenizer = _tokenizer(path)
     params = sum(p.numel() for p in model.parameters())
     description = f"{type(model).__name__} from {path} ({params / 1e6:.1f}M parameters)"
@@ -205,6 +208,34 @@ def _from_directory(path: Path) -> LoadedModel:
     if "use_cache" in inspect.signature(model.forward).parameters:
         kwargs["use_cache"] = verify["use_cache"] = False  # no KV cache object in the outputs
     return LoadedModel(model, (), kwargs, (), verify, description, path, tokenizer)
+
+
+def is_int4_checkpoint(path: Path) -> bool:
+    """An int4 checkpoint `load_quantized(path)` reads: attnopt's own (quantization_config.json
+    beside config.json) or another tool's (a quantization_config in config.json)."""
+    from attnopt.quantization.checkpoint import CONFIG
+    from attnopt.quantization.formats import is_pretrained
+
+    return (path / CONFIG).is_file() or is_pretrained(path)
+
+
+def holds_int4(model: nn.Module) -> bool:
+    """Whether `model` has int4 layers already (a checkpoint's): eager PyTorch then runs the
+    int4 kernels too, so --verify checks against attnopt's graph on reference kernels only."""
+    from attnopt.quantization import Int4Linear
+
+    return any(isinstance(m, Int4Linear) for m in model.modules())
+
+
+def _int4_model(path: Path) -> nn.Module:
+    """The int4 checkpoint's model, float parts in float32 as every MODEL directory's."""
+    from attnopt.quantization import load_quantized
+
+    try:
+        return load_quantized(path, dtype=torch.float32)
+    except (OSError, ValueError, KeyError) as e:
+        raise UsageError(f"MODEL directory {path} is an int4 checkpoint attnopt cannot read: "
+                         f"{e}") from None
 
 
 def _tokenizer(path: Path) -> Any:

@@ -34,8 +34,9 @@ def run(args: argparse.Namespace) -> int:
     check_target(out, args.force, what="-o directory")
     if args.verify and not args.onnx:
         raise UsageError("--verify runs the exported model in ONNX Runtime: add --onnx")
-    if args.calib is not None and args.method != "awq":
-        raise UsageError("--calib is read by --method awq only; add --method awq or drop --calib")
+    if args.calib is not None and args.method == "rtn":
+        raise UsageError("--calib is read by --method awq, gptq and gptq+awq only; choose one "
+                         "or drop --calib")
     opts = steps.options(args, quantize="w4a16", passes=list(ONNX_PASSES))
     texts = models.calibration_texts(Path(args.calib)) if args.calib else None
     loaded = models.load(args.model)
@@ -45,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     if texts:
         calibration = loaded.calibration(texts)
         header += f", calibrated on {len(calibration)} texts"
-    elif args.method == "awq":
+    elif args.method != "rtn":
         made = loaded.random_calibration()
         calibration = made.inputs
         header += (f", calibrated on {made.what} because no --calib was given "

@@ -128,10 +128,11 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
                    help=f"quantization group along K, one of {', '.join(map(str, GROUP_SIZES))} "
                    "(default 128; smaller is more accurate and larger)")
     q.add_argument("--method", choices=METHODS, default="rtn",
-                   help="rtn: round to nearest; awq: activation-aware scales calibrated on "
-                   "--calib text, or on random token ids without it (default rtn)")
+                   help="rtn: round to nearest; awq: activation-aware scales; gptq: GPTQ's "
+                   "error feedback; gptq+awq: both. All but rtn calibrate on --calib text, or "
+                   "on random token ids without it (default rtn)")
     q.add_argument("--calib", metavar="FILE",
-                   help="AWQ calibration text, one sentence or paragraph per line (needs "
+                   help="calibration text (awq, gptq), one sentence or paragraph per line (needs "
                    f"MODEL's tokenizer); without it AWQ calibrates on {CALIBRATION_BATCHES} "
                    f"sequences of {CALIBRATION_LENGTH} random token ids, and real text "
                    "calibrates better")

@@ -91,8 +91,9 @@ class LinearFusion:
     needs_frozen_weights = True
 
     def not_applicable(self, options: Options) -> str | None:
-        if options.quantize is None:
-            return "fuses int4 linears; quantize is not set (fusing float weights would copy them)"
+        # Runs whether or not `quantize` is set: an already-int4 model (Int4Linear, from
+        # quantize_model or load_quantized) has w4a16_linear calls without it. It only ever
+        # fuses those, never float linears (concatenating float weights would copy them).
         return None
 
     def apply(self, gm: fx.GraphModule, ctx) -> int:

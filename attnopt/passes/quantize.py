@@ -93,10 +93,6 @@ def relative_error(w: torch.Tensor, packed: int4.PackedInt4) -> float:
     return ((packed.dequantize(torch.float32) - wf).norm() / wf.norm().clamp_min(1e-30)).item()
 
 
-def _requested(options: Options) -> str | None:
-    return None if options.quantize == "w4a16" else "quantize is not set"
-
-
 # --- MoE experts ------------------------------------------------------------------------------
 
 moe = Call(torch.ops.attnopt.moe.default, Capture("x"), Capture("topk_ids"),
@@ -164,7 +160,13 @@ def experts_error(weights: list[torch.Tensor], packed: list[int4.PackedInt4]) ->
 
 
 class QuantizePass:
-    """The linear rule, counted as `w4a16_linear`, then the MoE rule, which adds no count."""
+    """The linear rule, counted as `w4a16_linear`, then the MoE rule, which adds no count.
+
+    A model that is int4 already (`Int4Linear`s, from `quantize_model` or `load_quantized`)
+    arrives with `w4a16_linear` calls on constant weights: they count as `w4a16_linear` too,
+    whether or not `quantize` is set (issue 18), so the count is the graph's int4 linears, and
+    they run on the implementation the `kernels` option names. Without `quantize`, nothing
+    else is done."""
 
     name = "quantize"
     counts_as = "w4a16_linear"
@@ -177,12 +179,21 @@ class QuantizePass:
             Rule("moe_w4a16", moe, rewrite_moe, check_moe)], needs_frozen_weights=True)
 
     def not_applicable(self, options: Options) -> str | None:
-        return _requested(options)
+        return None  # int4 linears already in the graph are counted either way
 
     def apply(self, gm: fx.GraphModule, ctx) -> int:
+        arrived = [node for node in gm.graph.nodes if node.target is w4a16_linear
+                   and is_constant(node.args[1])]
+        for node in arrived:  # the `kernels` option picks their implementation too
+            node.kwargs = {**node.kwargs, "impl": ctx.options.kernels}
+        already = len(arrived)
+        if already:
+            ctx.note(f"{already} linears arrived in int4 (Int4Linear): counted, kept as they are")
+        if ctx.options.quantize != "w4a16":
+            return already
         rewrites = self.linears.apply(gm, ctx)
         self.experts.apply(gm, ctx)  # recorded in the notes, not in the counts
-        return rewrites
+        return already + rewrites
 
 
 quantize_pass = QuantizePass()

@@ -36,11 +36,14 @@ MAX_ROWS = 512  # calibration rows kept per input for the loss: enough to rank �
 class InputStats:
     """Streaming statistics of one linear input X: mean |x| per input channel over every row
     seen, and a uniform random sample of at most `max_rows` rows (each row draws a random
-    priority; the highest `max_rows` priorities so far are kept)."""
+    priority; the highest `max_rows` priorities so far are kept). With `hessian`, also
+    H = Σ xᵀx over every row (fp32, [K, K]), what GPTQ weighs rounding errors by."""
 
-    def __init__(self, max_rows: int = MAX_ROWS, seed: int = 0):
+    def __init__(self, max_rows: int = MAX_ROWS, seed: int = 0, hessian: bool = False):
         self.max_rows = max_rows
         self.abs_sum: Tensor | None = None
+        self.hessian: Tensor | None = None
+        self._keep_hessian = hessian
         self.count = 0
         self.rows: Tensor | None = None
         self._priority: Tensor | None = None
@@ -50,6 +53,9 @@ class InputStats:
         x = x.detach().reshape(-1, x.shape[-1]).float()
         abs_sum = x.abs().sum(0)
         self.abs_sum = abs_sum if self.abs_sum is None else self.abs_sum + abs_sum
+        if self._keep_hessian:
+            xtx = x.T @ x
+            self.hessian = xtx if self.hessian is None else self.hessian + xtx
         self.count += x.shape[0]
         priority = torch.rand(x.shape[0], generator=self._generator).to(x.device)
         if self.rows is None:

@@ -45,9 +45,10 @@ def run(model: nn.Module, inputs: Any) -> None:
 
 
 def collect(model: nn.Module, linears: Mapping[str, nn.Module], calibration: Iterable[Any],
-            max_rows: int = MAX_ROWS) -> list[InputGroup]:
-    """Run `calibration` through `model` (eval mode, no grad) and group `linears` by input.
-    Linears never called are in no group."""
+            max_rows: int = MAX_ROWS, hessian: bool = False) -> list[InputGroup]:
+    """Run `calibration` through `model` (eval mode, no grad) and group `linears` by input
+    (each group's stats with H = Σ xᵀx too when `hessian`). Linears never called are in no
+    group."""
     stats: dict[str, InputStats] = {}
     leaders: dict[str, set[str]] = defaultdict(set)
     live: dict[int, tuple[weakref.ref, str]] = {}  # id(input) -> (the input, its leader)
@@ -58,7 +59,7 @@ def collect(model: nn.Module, linears: Mapping[str, nn.Module], calibration: Ite
             seen = live.get(id(x))
             if seen is None or seen[0]() is not x:
                 seen = live[id(x)] = (weakref.ref(x), name)
-                stats.setdefault(name, InputStats(max_rows)).add(x)
+                stats.setdefault(name, InputStats(max_rows, hessian=hessian)).add(x)
             leaders[name].add(seen[1])
         return record
 

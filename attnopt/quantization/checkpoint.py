@@ -22,11 +22,13 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from attnopt.backends.int4 import GROUP_SIZES
+from attnopt.quantization import formats
 from attnopt.quantization.modules import Int4Linear, source_weight
 from attnopt.quantization.summary import QuantizationSummary
 
@@ -70,15 +72,42 @@ def save_quantized(model: nn.Module, directory: str | os.PathLike,
     return directory
 
 
-def load_quantized(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
-    """Turn `model` — freshly built float, from the configuration the checkpoint was quantized
-    from (e.g. `AutoModel.from_config(config)`), in the dtype wanted — into the checkpoint's
-    quantized model, in place, and return it. A bad checkpoint raises a ValueError; one found
-    after the layers were replaced leaves `model` half converted: build a fresh one."""
-    directory = Path(directory)
+def load_quantized(model_or_directory: nn.Module | str | os.PathLike,
+                   directory: str | os.PathLike | None = None, *,
+                   dtype: torch.dtype | None = None) -> nn.Module:
+    """An int4 model, in either of two forms:
+
+    - `load_quantized(directory)`: a transformers model directory, the model built from its
+      config.json offline (float parameters in `dtype`, default the config's). Either attnopt's
+      own checkpoint (`quantization_config.json` beside config.json, as `attnopt quantize`
+      writes it) or a GPTQ, AWQ or compressed-tensors checkpoint (`quantization_config` in
+      config.json; `quantization/formats/`), converted once to `Int4Linear`s.
+    - `load_quantized(model, directory)`: attnopt's own checkpoint into `model`, freshly built
+      float from the configuration it was quantized from (e.g. `AutoModel.from_config(config)`),
+      in the dtype wanted; converted in place and returned.
+
+    A bad checkpoint raises a ValueError naming what is wrong; one found after the layers were
+    replaced leaves a given `model` half converted: build a fresh one."""
+    if directory is None:
+        if isinstance(model_or_directory, nn.Module):
+            raise TypeError("load_quantized(model, directory): the directory is missing")
+        path = Path(model_or_directory)
+        if not (path / CONFIG).is_file():
+            return formats.load_pretrained(path, dtype)
+        model = formats.empty_model(path, dtype)
+        return _load_into(model, path, materialize=True).eval()
+    if not isinstance(model_or_directory, nn.Module):
+        raise TypeError(f"load_quantized(model, directory) takes an nn.Module first, got "
+                        f"{type(model_or_directory).__name__}; or call load_quantized(directory)")
+    return _load_into(model_or_directory, Path(directory))
+
+
+def _load_into(model: nn.Module, directory: Path, materialize: bool = False) -> nn.Module:
     config = _read_config(directory / CONFIG)
     tensors = _read_weights(directory / WEIGHTS)
     _install(model, config, directory / CONFIG)
+    if materialize:
+        _materialize(model)
     state = model.state_dict()
     aliases = _aliases(state)
     where = f"{directory / WEIGHTS} does not fit the model"
@@ -100,6 +129,19 @@ def load_quantized(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
         full.update({n: tensors.get(n, tensors[stored]) for n in names})
     model.load_state_dict(full, strict=True)
     return model
+
+
+def _materialize(model: nn.Module) -> None:
+    """Give every parameter still on the meta device real (uninitialised) memory, keeping
+    parameters that several modules share shared; the checkpoint is copied in next."""
+    made: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        for name, p in list(module._parameters.items()):
+            if p is not None and p.is_meta:
+                if id(p) not in made:
+                    made[id(p)] = nn.Parameter(torch.empty_like(p, device="cpu"),
+                                               requires_grad=p.requires_grad)
+                module._parameters[name] = made[id(p)]
 
 
 def _aliases(state: dict[str, Tensor]) -> list[list[str]]:

@@ -7,6 +7,11 @@ let its `linear_fusion` pass concatenate the weights of sibling int4 linears (Q/
 An optional `input_scale [K]` multiplies the activations before the matmul. AWQ
 (`quantization/awq.py`) quantizes `W · diag(1 / input_scale)` instead of `W`, so that input
 channels with large activations keep more weight precision; `x * input_scale` undoes it.
+
+An optional `input_order [K]` (int64) permutes the input features first, `x[..., input_order]`:
+a GPTQ checkpoint quantized in activation order (`desc_act`) groups columns that are not
+adjacent in W. Its columns are reordered once at load so that each group is contiguous, as the
+packed layout needs, and the activations are gathered into that order on each call.
 """
 
 from __future__ import annotations
@@ -60,7 +65,7 @@ class Int4Linear(nn.Module):
     shape (to load a checkpoint into); `from_linear` quantizes an existing layer."""
 
     def __init__(self, in_features: int, out_features: int, group_size: int = 128, *,
-                 bias: bool = True, input_scale: bool = False,
+                 bias: bool = True, input_scale: bool = False, input_order: bool = False,
                  dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
         super().__init__()
         if group_size not in int4.GROUP_SIZES:
@@ -73,6 +78,7 @@ class Int4Linear(nn.Module):
         self.zeros = frozen(torch.zeros(out_features, kp // group_size, **float_kw))
         self.bias = frozen(torch.zeros(out_features, **float_kw)) if bias else None
         self.input_scale = frozen(torch.ones(in_features, **float_kw)) if input_scale else None
+        self.input_order = frozen(torch.arange(in_features, device=device)) if input_order else None
 
     @classmethod
     def from_linear(cls, linear: nn.Module, group_size: int = 128,
@@ -84,17 +90,25 @@ class Int4Linear(nn.Module):
             raise TypeError(f"Int4Linear.from_linear takes an nn.Linear or a transformers Conv1D "
                             f"with a 2-D float weight, got {type(linear).__name__}")
         w, _ = found
-        n, k = w.shape
+        k = w.shape[1]
         if input_scale is not None and tuple(input_scale.shape) != (k,):
             raise ValueError(f"input_scale must have shape [{k}] (one per input feature), "
                              f"got {list(input_scale.shape)}")
-        packed = quantize_weight(w, group_size, input_scale)
-        module = cls(k, n, group_size, bias=linear.bias is not None,
-                     input_scale=input_scale is not None, dtype=w.dtype, device="meta")
+        return cls.from_packed(quantize_weight(w, group_size, input_scale), linear.bias,
+                               input_scale)
+
+    @classmethod
+    def from_packed(cls, packed: int4.PackedInt4, bias: Tensor | None = None,
+                    input_scale: Tensor | None = None) -> Int4Linear:
+        """The layer holding `packed` (made by any quantizer), with `bias` and `input_scale`
+        (kept as the Parameters they are, so siblings can share one)."""
+        module = cls(packed.in_features, packed.out_features, packed.group_size,
+                     bias=bias is not None, input_scale=input_scale is not None,
+                     dtype=packed.scales.dtype, device="meta")
         module.qweight, module.scales, module.zeros = (
             frozen(packed.qweight), frozen(packed.scales), frozen(packed.zeros))
-        if linear.bias is not None:
-            module.bias = frozen(linear.bias.detach())
+        if bias is not None:
+            module.bias = frozen(bias.detach())
         if input_scale is not None:
             module.input_scale = frozen(input_scale)
         return module
@@ -104,10 +118,13 @@ class Int4Linear(nn.Module):
                                self.in_features)
 
     def effective_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
-        """The [out, in] float weight this layer applies: Ŵ · diag(input_scale)."""
+        """The [out, in] float weight this layer applies: Ŵ · diag(input_scale), its columns
+        put back in input order (column i of Ŵ reads input feature input_order[i])."""
         w = self.packed().dequantize(torch.float32)
         if self.input_scale is not None:
             w = w * self.input_scale.float()
+        if self.input_order is not None:
+            w = torch.empty_like(w).index_copy_(1, self.input_order, w)
         return w.to(dtype)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -116,6 +133,8 @@ class Int4Linear(nn.Module):
         # (A message built from self or x would make Dynamo break the graph here.)
         torch._check(x.shape[-1] == self.in_features,
                      lambda: "Int4Linear: the input's last dim must equal in_features")
+        if self.input_order is not None:
+            x = x.index_select(-1, self.input_order)
         if self.input_scale is not None:
             x = x * self.input_scale
         return torch.ops.attnopt.w4a16_linear(x, self.qweight, self.scales, self.zeros, self.bias,
@@ -124,4 +143,5 @@ class Int4Linear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"group_size={self.group_size}, bias={self.bias is not None}, "
-                f"input_scale={self.input_scale is not None}")
+                f"input_scale={self.input_scale is not None}, "
+                f"input_order={self.input_order is not None}")

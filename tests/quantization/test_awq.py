@@ -116,8 +116,8 @@ def test_awq_without_calibration_and_other_bad_arguments():
         quantize_model(attention(), method="awq")
     with pytest.raises(ValueError, match="calibration data yielded no inputs"):
         quantize_model(attention(), method="awq", calibration=[])
-    with pytest.raises(ValueError, match=r"method must be one of \('rtn', 'awq'\)"):
-        quantize_model(attention(), method="gptq")
+    with pytest.raises(ValueError, match=r"method must be one of \('rtn', 'awq', 'gptq'"):
+        quantize_model(attention(), method="hqq")
     with pytest.raises(ValueError, match="group_size must be one of"):
         quantize_model(attention(), group_size=100)
     with pytest.raises(TypeError, match="a calibration input must be a dict"):

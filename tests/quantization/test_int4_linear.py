@@ -51,7 +51,7 @@ def test_without_bias_and_repr():
     x = torch.randn(3, K)
     torch.testing.assert_close(q(x), F.linear(x, q.effective_weight()), rtol=2e-2, atol=2e-2)
     assert repr(q) == ("Int4Linear(in_features=96, out_features=48, group_size=32, bias=False, "
-                       "input_scale=False)")
+                       "input_scale=False, input_order=False)")
 
 
 def test_everything_is_a_frozen_parameter_and_casts_like_a_model():

@@ -1,6 +1,6 @@
 """Int4Linear models through torch.compile(backend="attnopt"): their parameters are frozen into
-constants, outputs match eager, and with quantize="w4a16" (which turns linear_fusion on) the
-Q/K/V siblings become one int4 GEMM."""
+constants, outputs match eager, and the Q/K/V siblings become one int4 GEMM — with or without
+quantize="w4a16", since the model is int4 already (issue 18)."""
 
 import pytest
 import torch
@@ -29,15 +29,29 @@ def compile_and_check(model, options):
 
 @pytest.mark.parametrize("method", ["rtn", "awq"])
 def test_matches_eager_without_fusion(method):
-    report = compile_and_check(quantized(method), {"inner": "eager"})
+    report = compile_and_check(quantized(method), {"inner": "eager",
+                                                   "passes": ["attention", "softmax"]})
     assert report.counts["linear_fusion"] == 0
     assert report.counts["attention"] == 1  # the float part is still rewritten
+
+
+@pytest.mark.parametrize("method", ["rtn", "awq"])
+def test_int4_model_fuses_without_the_quantize_option(method):
+    """An int4 model compiled as usual (no quantize option) gets its siblings fused; the float
+    linears of a float model are neither quantized nor fused."""
+    report = compile_and_check(quantized(method), {"inner": "eager"})
+    assert report.counts["linear_fusion"] == 1 and report.counts["w4a16_linear"] == 4
+    fused = [line for line in report.passes[-1].after if "attnopt.w4a16_linear(" in line]
+    assert len(fused) == 2 and "float32[2, 40, 192]" in fused[0]  # q|k|v, then o
+    float_report = compile_and_check(attention(), {"inner": "eager"})
+    assert float_report.counts["linear_fusion"] == 0
+    assert not any("w4a16" in line for line in float_report.passes[-1].after)
 
 
 def test_rtn_siblings_fuse():
     report = compile_and_check(quantized("rtn"), FUSING)
     assert report.counts["linear_fusion"] == 1
-    assert report.counts["w4a16_linear"] == 0  # nothing left in float to quantize
+    assert report.counts["w4a16_linear"] == 4  # the 4 that arrived in int4; none left in float
     fused = [line for line in report.passes[-1].after if "attnopt.w4a16_linear(" in line]
     assert len(fused) == 2 and "float32[2, 40, 192]" in fused[0]  # q|k|v, then o
 
