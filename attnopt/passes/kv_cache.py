@@ -11,11 +11,13 @@ in the graph, and what becomes of it:
             reads a capacity-sized copy of the cache. Becomes
             paged_attention(q, k_pool, v_pool, table, lens, mask): the copy is gone, and the
             kernel reads each sequence's cached tokens only, split over the KV length.
-    static  transformers' StaticCache: index_copy(cache [B, Hkv, max_len, D], 2, past + arange(n),
-            new) in place, and attention reads all of max_len. A static buffer is a paged pool
+    static  a static cache (transformers' StaticCache, or one written by hand):
+            index_copy(cache [B, Hkv, max_len, D], 2, positions, new) in place, and attention
+            reads all of max_len through the model's mask. A static buffer is a paged pool
             whose blocks are whole sequences — pool [B, max_len, Hkv, D] (a transposed view, no
-            copy), table [[0], [1], ...], lens = past + n — so it becomes the same
-            paged_attention, reading past + n keys instead of max_len.
+            copy), table [[0], [1], ...] — so it becomes the same paged_attention, reading each
+            sequence's keys up to the last one its mask lets any query see (`_mask_extent`),
+            computed from the mask on the device: past + n for transformers' causal masks.
     dynamic transformers' DynamicCache: cat([past, new], 2) copies the whole cache every step,
             and the result must stay a graph output (the cache object keeps it), so there is
             nothing to read in place. Compiled, it is refused with the advice to pass a
@@ -25,16 +27,19 @@ in the graph, and what becomes of it:
             past_key/past_value inputs and present outputs (`backends/onnx.py`), the form ONNX
             decoders take. Only then: in PyTorch it saves nothing (the copy is the same).
 
-The paged and static rewrites read fewer keys than the attention they replace: the positions
-past each sequence's length. The fallback gives those positions zeros (paged) or stale zeros
-(static), and the model's mask hides them — transformers builds it for the capacity the cache
-reports, with every key after the query's own position masked, as any causal decoder must. That
-is the contract the rewrite relies on, so attention without a mask, or with `is_causal` meaning
-"bottom-right over the capacity", is refused. One exception, also transformers': a prefill into
-an empty cache without padding drops the mask and cuts K/V to the Lq new tokens with
-`is_causal`; that becomes paged_attention's causal mode, whose diagonal ends at each sequence's
-length (the same keys when the new tokens are the whole cache, which transformers only does
-then).
+The paged and static rewrites read fewer keys than the attention they replace. Static: the
+keys past the extent are those the mask hides from every query of the sequence (a bool False or
+-inf, which drop a key, or a fill at or below half the dtype's minimum, which exp() turns into
+exactly 0 beside any visible key; a row that sees no key at all but has finite fills averages V
+over every slot in eager, so its sequence is read whole): exact for any mask, a hand-written
+one included. Paged: `PagedKVCache` holds exactly its tokens (the eager, uncompiled model reads
+just those), and the gathered copy of the compiled fallback pads them with zeros to the
+capacity for the model's mask to hide, which transformers' masks do. Attention without a mask,
+or with `is_causal` meaning "bottom-right over the capacity", is refused. One exception, also
+transformers': a prefill into an empty cache without padding drops the mask and cuts K/V to the
+Lq new tokens with `is_causal`; that becomes paged_attention's causal mode, whose diagonal ends
+at each sequence's length (the same keys when the new tokens are the whole cache, which
+transformers only does then).
 """
 
 from __future__ import annotations
@@ -94,17 +99,11 @@ def rewrite_paged(m: Match, graph: fx.Graph, ctx) -> fx.Node:
                             m["k_scale"], m["v_scale"])
 
 
-# --- static: StaticCache's buffers, written with index_copy ---------------------------------------
+# --- static: a static cache's buffers, written with index_copy ----------------------------------
 
-_FACTORY = dict(dtype=ANY, layout=ANY, device=ANY, pin_memory=ANY)
-_arange = (Call(aten.arange.default, Capture("n"), **_FACTORY)
-           | Call(aten.arange.start_step, 0, Capture("n"), 1, **_FACTORY))
-
-
-# index_copy(cache, 2, past + arange(n), new): the write stays in the graph (it is the cache
-# update), so it is matched on its own, not consumed with the attention.
-_write = Call(aten.index_copy.default, Capture("cache"), 2,
-              Call(aten.add.Tensor, _arange, Capture("past"), commutative=True), Capture("new"))
+# index_copy(cache, 2, positions, new): the write stays in the graph (it is the cache update), so
+# it is matched on its own, not consumed with the attention.
+_write = Call(aten.index_copy.default, Capture("cache"), 2, Capture("positions"), Capture("new"))
 
 
 def _static_write(node: object) -> Match | None:
@@ -118,32 +117,52 @@ static = _attention(_cached("k", Capture("k_written", where=_static_write)),
 
 
 def check_static(m: Match, ctx) -> str | None:
-    k, v = _static_write(m["k_written"]), _static_write(m["v_written"])
-    if k["past"] is not v["past"] or k["n"] != v["n"]:
-        return "K and V are written at different positions"
-    past = k["past"].meta.get("val")
-    if not isinstance(past, torch.Tensor) or past.numel() != 1:
-        return "the cache position is not one offset shared by the batch"
-    if not layout.same(k["new"].meta["val"].shape[2], k["n"]):
-        return "the positions written are not past + arange(new tokens)"
+    if "k_end" in m.captures or "v_end" in m.captures:
+        return "K/V are cut before attention reads them: not the whole static buffer"
     return check(m, ctx)
 
 
 def rewrite_static(m: Match, graph: fx.Graph, ctx) -> fx.Node:
     """The buffers [B, Hkv, max_len, D] as pools of B blocks of max_len tokens: a transposed
-    view each, one block per sequence, every sequence past + n long."""
-    write = _static_write(m["k_written"])
+    view each, one block per sequence, read up to the mask's extent."""
     batch = m["k"].meta["val"].shape[0]
     pools = [insert_call(graph, aten.transpose.int, (m[name], 1, 2)) for name in ("k", "v")]
-    device = write["past"].meta["val"].device
     table = insert_call(graph, aten.arange.default, (batch,),
-                        {"dtype": torch.int32, "device": device})
+                        {"dtype": torch.int32, "device": m["k"].meta["val"].device})
     table = insert_call(graph, aten.unsqueeze.default, (table, 1))
-    length = insert_call(graph, aten.add.Tensor, (write["past"], write["n"]))
-    length = insert_call(graph, aten.view.default, (length, [1]))
-    lens = insert_call(graph, aten.expand.default, (length, [batch]))
-    lens = insert_call(graph, aten._to_copy.default, (lens,), {"dtype": torch.int32})
+    lens = _mask_extent(graph, m["mask"], batch)
     return _paged_attention(graph, m, *pools, table, lens, None, None)
+
+
+def _mask_extent(graph: fx.Graph, mask: fx.Node, batch: object) -> fx.Node:
+    """[B] int32: per sequence, 1 + the last key column that some query row of it sees, or all
+    of them when some row sees none but holds finite fills (eager averages V over every slot
+    there); 0 when nothing is seen. A key is hidden by False, by -inf, or by a fill at or below
+    half the dtype's minimum (its exp() is exactly 0 beside a visible key)."""
+    val = mask.meta["val"]
+    call = lambda op, *args, **kwargs: insert_call(graph, op, args, kwargs)
+    if val.dtype == torch.bool:
+        visible = mask
+    else:
+        visible = call(aten.gt.Scalar, mask, torch.finfo(val.dtype).min / 2)
+    lead = call(aten.flatten.using_ints, visible, 1, 2)  # [B', H'·Lq', max_len]
+    seen = call(aten.any.dim, lead, 1)  # [B', max_len]: some row sees the key
+    positions = call(aten.arange.start, 1, val.shape[-1] + 1 if isinstance(val.shape[-1], int)
+                     else call(aten.add.Tensor, call(aten.sym_size.int, mask, -1), 1),
+                     dtype=torch.int32, device=val.device)
+    extent = call(aten.amax.default, call(aten.mul.Tensor, seen, positions), [-1])  # [B']
+    if val.dtype != torch.bool:
+        blind = call(aten.logical_not.default, call(aten.any.dim, visible, -1))  # row sees none
+        finite = call(aten.any.dim, call(aten.isfinite.default, mask), -1)
+        whole = call(aten.any.dim, call(aten.flatten.using_ints, call(
+            aten.logical_and.default, blind, finite), 1, 2), 1)  # [B']
+        everything = call(aten.full_like.default, extent, val.shape[-1]
+                          if isinstance(val.shape[-1], int)
+                          else call(aten.sym_size.int, mask, -1))
+        extent = call(aten.where.self, whole, everything, extent)
+    # Expanded first, then copied: the kernels read seq_lens as a contiguous [B].
+    return call(aten._to_copy.default, call(aten.expand.default, extent, [batch]),
+                dtype=torch.int32, memory_format=torch.contiguous_format)
 
 
 # --- shared -------------------------------------------------------------------------------------

@@ -213,6 +213,7 @@ def paged_attention(
         raise TypeError(f"paged attention kernel supports fp16, bf16 and fp32, got {q.dtype}")
     b, hq, lq, d = q.shape
     _, block_size, hkv, dv = v_pool.shape
+    seq_lens = seq_lens.contiguous()  # read as B consecutive lengths (an expand has stride 0)
     out = torch.empty((b, hq, lq, dv), dtype=q.dtype, device=q.device)
     if out.numel() == 0:
         return out
