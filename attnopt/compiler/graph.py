@@ -4,6 +4,7 @@ graph as one readable line per node (what the diff and the HTML report show)."""
 from __future__ import annotations
 
 import operator
+import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -120,3 +121,18 @@ def constant_value(node: fx.Node, max_nodes: int = 64) -> torch.Tensor | None:
                 args, kwargs = fx.node.map_arg((n.args, n.kwargs), env.__getitem__)
                 env[n] = n.target(*args, **kwargs)
     return env[node]
+
+
+def call_site(node: fx.Node) -> str | None:
+    """The dotted path of the module whose forward made this call (`lm_head`,
+    `model.layers.0.mlp.up_proj`), from the `nn_module_stack` Dynamo and torch.export record;
+    None when it is not known. A tied weight is named after its first owner; its call site says
+    which layer uses it here."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    source = list(stack.values())[-1][0]
+    path = re.sub(r"^L\[[^\]]*\](\[\d+\])?", "", source)  # the root: L['self'], L['args'][0]
+    path = re.sub(r"\._modules\['([^']+)'\]", r".\1", path)
+    path = re.sub(r"\[(\d+)\]", r".\1", path)
+    return path.lstrip(".") or None

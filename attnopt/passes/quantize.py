@@ -27,7 +27,7 @@ import torch.fx as fx
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from attnopt.backends import int4, int4_cpu
-from attnopt.compiler.graph import fake_value, insert_call
+from attnopt.compiler.graph import call_site, fake_value, insert_call
 from attnopt.compiler.options import Options
 from attnopt.compiler.pattern import Call, Capture, Literal, Match, Rule
 from attnopt.compiler.rewrite import PatternPass
@@ -44,10 +44,25 @@ from attnopt.passes.linear import (
 ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def module_of(m: Match) -> str | None:
-    """The linear's module path (`model.layers.0.mlp.up_proj`) when the weight is a parameter."""
+def owner_of(m: Match) -> str | None:
+    """The module that owns the weight (`model.embed_tokens` for a tied `lm_head`), when the
+    weight is a parameter."""
     name = m["weight"].meta.get("attnopt_parameter")
     return name.rsplit(".", 1)[0] if name and "." in name else name
+
+
+def module_of(m: Match) -> str | None:
+    """The layer as the user knows it: the module whose forward calls this linear (`lm_head`),
+    else the weight's owner."""
+    return call_site(m.anchor) or owner_of(m)
+
+
+def layer_name(m: Match) -> str:
+    """`module_of`, and the owner of a weight another module owns (a tied one)."""
+    module, owner = module_of(m), owner_of(m)
+    if module is None:
+        return m["weight"].name
+    return module if owner in (None, module) else f"{module} (weight of {owner}, tied)"
 
 
 def skip_glob(module: str | None, globs: tuple[str, ...]) -> str | None:
@@ -59,11 +74,17 @@ def skip_glob(module: str | None, globs: tuple[str, ...]) -> str | None:
                  or fnmatch.fnmatchcase(module, "*." + g)), None)
 
 
+def skipped_by(m: Match, globs: tuple[str, ...]) -> str | None:
+    """The skip glob that names a module using this weight: the layer calling it or the
+    weight's owner (a tied `lm_head` is skipped by 'lm_head' and by 'model.embed_tokens')."""
+    return skip_glob(module_of(m), globs) or skip_glob(owner_of(m), globs)
+
+
 def check(m: Match, ctx) -> str | None:
     if reason := check_linear(m):
         return reason
-    if glob := skip_glob(module_of(m), ctx.options.skip):
-        return f"{module_of(m)} is left in float: it matches skip glob {glob!r}"
+    if glob := skipped_by(m, ctx.options.skip):
+        return f"{layer_name(m)} is left in float: it matches skip glob {glob!r}"
     dtype = fake_value(m["x"]).dtype
     if dtype not in ACTIVATION_DTYPES:
         return f"activations are {dtype}; w4a16 takes fp16, bf16 or fp32"
@@ -82,7 +103,7 @@ def rewrite(m: Match, graph: fx.Graph, ctx) -> fx.Node:
     name = f"{m.anchor.name}_w4a16"
     q, s, z = (constant_node(gm, f"{name}_{k}", getattr(packed, k))
                for k in ("qweight", "scales", "zeros"))
-    ctx.note(f"{module_of(m) or m['weight'].name} [{w.shape[0]}x{w.shape[1]}]: "
+    ctx.note(f"{layer_name(m)} [{w.shape[0]}x{w.shape[1]}]: "
              f"relative error {error:.4f}")
     return insert_call(graph, w4a16_linear, (x, q, s, z, m.get("bias"), packed.group_size),
                        {"impl": ctx.options.kernels})
