@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import operator
 import warnings
+from collections import Counter
 from collections.abc import Callable, Mapping
 from contextlib import nullcontext
 from typing import Any
@@ -51,7 +52,7 @@ def attnopt_backend(
 
 def _compile(gm: fx.GraphModule, example_inputs: list, opts: Options) -> Callable:
     report = CompileReport(graph_id=next_graph_id(), passes=[], options=opts.as_dict(),
-                           inner=opts.inner)
+                           inner=opts.inner, notes=_graph_breaks())
     passes = [p for p in PIPELINE if opts.passes is None or p.name in opts.passes]
 
     def compile_forward(aten: fx.GraphModule, args: list, training: bool, frozen: int) -> Callable:
@@ -69,6 +70,35 @@ def _compile(gm: fx.GraphModule, example_inputs: list, opts: Options) -> Callabl
     if opts.report_dir:
         report.write(opts.report_dir)
     return compiled
+
+
+_breaks_seen: Counter[str] = Counter()
+
+
+def _graph_breaks() -> list[str]:
+    """The graph breaks Dynamo recorded since the last graph it handed over, one note each.
+    Dynamo records a break before it compiles the graph that ends at it, so these name where
+    this graph was cut: a pattern that spans the cut (an attention, an expert loop) lies in
+    two graphs, and no pass sees it whole."""
+    from torch._dynamo.utils import counters
+
+    current = counters["graph_break"]
+    if any(current[reason] < n for reason, n in _breaks_seen.items()):  # torch._dynamo.reset
+        _breaks_seen.clear()
+    new = [reason for reason, n in current.items() if n > _breaks_seen[reason]]
+    _breaks_seen.clear()
+    _breaks_seen.update(current)
+    return [f"graph break before this graph was compiled: {_break_summary(reason)} (a "
+            "pattern across it, an attention or an expert loop, is split between graphs)"
+            for reason in new]
+
+
+def _break_summary(reason: str) -> str:
+    """Dynamo's reason in one line: its first line, and the op or call it names."""
+    lines = [line.strip() for line in reason.splitlines() if line.strip()]
+    context = next((line.split(":", 1)[1].strip() for line in lines
+                    if line.startswith("Developer debug context:")), "")
+    return f"{lines[0]} ({context})" if context and lines else (lines[0] if lines else reason)
 
 
 def _check_kernels(opts: Options, example_inputs: list) -> None:

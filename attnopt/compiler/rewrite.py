@@ -25,14 +25,21 @@ aten = torch.ops.aten
 class PatternPass:
     """Visits nodes from the graph's outputs backwards, so a rule anchored at the outermost node
     (a cast after a softmax, say) is tried before the inner node could be taken alone. Rules are
-    indexed by their anchor's target: one sweep, linear in graph size."""
+    indexed by their anchor's target: one sweep, linear in graph size.
+
+    Every candidate is accounted for: a rule's refusal gives its reason, and `explain(node)`,
+    asked afterwards of every node that no refusal covers, names the candidates no rule
+    matched at all (a softmax in a spelling the pass does not know, a linear whose weight is
+    cast first) with the reason they were left alone; it returns None for other nodes."""
 
     def __init__(self, name: str, counts_as: str, rules: Sequence[Rule],
                  needs_frozen_weights: bool = False,
-                 applies: Callable[[Options], str | None] = lambda options: None) -> None:
+                 applies: Callable[[Options], str | None] = lambda options: None,
+                 explain: Callable[[fx.Node], str | None] | None = None) -> None:
         self.name, self.counts_as, self.rules = name, counts_as, tuple(rules)
         self.needs_frozen_weights = needs_frozen_weights
         self.not_applicable = applies
+        self.explain = explain
         self._index: dict[Any, list[Rule]] = defaultdict(list)
         for rule in self.rules:
             for target in dict.fromkeys(root_targets(rule.pattern)):
@@ -81,6 +88,11 @@ class PatternPass:
         for node, refusal in refused:
             if not any(getattr(n, "_erased", False) for n in refusal.nodes):
                 ctx.reject(node, refusal.reason, refusal.nodes)
+        if self.explain is not None:
+            for node in graph.nodes:
+                if node.op == "call_function" and node not in explained and (
+                        reason := self.explain(node)):
+                    ctx.reject(node, reason)
         if rewrites:
             # Producers only the replaced nodes read (a mask's where(), say) are dead now.
             graph.eliminate_dead_code()

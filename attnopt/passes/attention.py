@@ -64,6 +64,7 @@ from attnopt.compiler.pattern import (
     is_tensor_node,
 )
 from attnopt.compiler.rewrite import PatternPass
+from attnopt.passes.misses import explain_attention
 from attnopt.passes.softmax import (
     chain_problem,
     dtype_of,
@@ -509,4 +510,4 @@ attention_pass = PatternPass("attention", counts_as="attention", rules=[
     Rule("written_out", written_out, rewrite_written_out, check_written_out,
          through=widening_cast),
     Rule("batched", batched, rewrite_batched, check_batched, through=widening_cast),
-])
+], explain=explain_attention)

@@ -40,6 +40,7 @@ from attnopt.passes.linear import (
     w4a16_linear,
     weight_nk,
 )
+from attnopt.passes.misses import explain_linear
 
 ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -195,7 +196,8 @@ class QuantizePass:
 
     def __init__(self) -> None:
         self.linears = PatternPass("quantize", counts_as="w4a16_linear", rules=[
-            Rule("w4a16", linear, rewrite, check)], needs_frozen_weights=True)
+            Rule("w4a16", linear, rewrite, check)], needs_frozen_weights=True,
+            explain=explain_linear)
         self.experts = PatternPass("quantize", counts_as="w4a16_linear", rules=[
             Rule("moe_w4a16", moe, rewrite_moe, check_moe)], needs_frozen_weights=True)
 

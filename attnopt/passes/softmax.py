@@ -14,6 +14,8 @@ softmax inside attention.
 
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.fx as fx
 
@@ -33,6 +35,7 @@ from attnopt.compiler.pattern import (
     optional,
 )
 from attnopt.compiler.rewrite import PatternPass
+from attnopt.passes.misses import explain_softmax
 
 aten, prims = torch.ops.aten, torch.ops.prims
 
@@ -78,8 +81,10 @@ def softmax_of(x: Pattern) -> Pattern:
         through=biased,
     )
     dim = Literal("dim", where=lambda d: isinstance(d, int))
-    exp = Call(aten.exp.default, Call(aten.sub.Tensor, masked, Call(
-        aten.amax.default, masked, Literal("max_dims"), True)), name="exp")
+    # The row maximum: amax(s, dims, keepdim=True), or s.max(dim, keepdim=True).values.
+    row_max = (Call(aten.amax.default, masked, Literal("max_dims"), True)
+               | Call(operator.getitem, Call(aten.max.dim, masked, Literal("max_dims"), True), 0))
+    exp = Call(aten.exp.default, Call(aten.sub.Tensor, masked, row_max), name="exp")
     core = (
         Call(aten._softmax.default, masked, dim, Literal("half_to_float"))
         | Call(aten.softmax.int, masked, dim, Literal("dtype_arg"))
@@ -96,7 +101,11 @@ def softmax_of(x: Pattern) -> Pattern:
 
 
 def softmax_dim(m: Match) -> int:
-    return m["max_dims"][0] if "max_dims" in m.captures else m["dim"]
+    return _dims(m["max_dims"])[0] if "max_dims" in m.captures else m["dim"]
+
+
+def _dims(dims: int | list[int]) -> list[int]:
+    return [dims] if isinstance(dims, int) else list(dims)
 
 
 def is_scalar_tensor(v: object) -> bool:
@@ -159,7 +168,7 @@ def chain_problem(m: Match, scores: torch.Size) -> str | None:
     if rank == 0:
         return "softmax of a 0-dim tensor"
     if "max_dims" in m.captures:
-        amax, total = m["max_dims"], m["sum_dims"]
+        amax, total = _dims(m["max_dims"]), _dims(m["sum_dims"])
         if len(amax) != 1 or len(total) != 1 or amax[0] % rank != total[0] % rank:
             return f"amax over {amax} but sum over {total}: not a softmax over one dim"
     for part in ("bias", "mask"):
@@ -199,4 +208,4 @@ def rewrite(m: Match, graph: fx.Graph, ctx) -> fx.Node:
 
 softmax_pass = PatternPass("softmax", counts_as="softmax", rules=[
     Rule("fused_softmax", softmax, rewrite, check, through=widening_cast),
-])
+], explain=explain_softmax)
