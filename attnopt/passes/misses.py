@@ -117,9 +117,9 @@ _WEIGHT_PATH = {aten._to_copy.default, prims.convert_element_type.default, aten.
 def explain_linear(node: fx.Node) -> str | None:
     """A matmul one of whose operands is a frozen weight reached through ops a linear's
     pattern does not read through (a cast, a scale, an expand), or a 3-D one."""
-    if node.target not in MATMULS and node.target is not aten.linear.default:
-        return None
-    for operand in node.all_input_nodes:
+    weights = {aten.mm.default: [1], aten.addmm.default: [2], aten.linear.default: [1]}.get(
+        node.target, [0, 1] if node.target in MATMULS else [])
+    for operand in (node.args[i] for i in weights if isinstance(node.args[i], fx.Node)):
         path, current = [], operand
         while (current.op == "call_function" and current.target in _WEIGHT_PATH
                and len(path) < 4):
@@ -132,7 +132,11 @@ def explain_linear(node: fx.Node) -> str | None:
         if isinstance(val, torch.Tensor) and val.dim() != 2:
             return (f"{short_target(node)} with a {val.dim()}-D weight {weight}: not a linear "
                     "layer (w4a16 takes 2-D weights)")
+        if path[:1] in (["aten.t"], ["aten.transpose.int"], ["aten.permute"]):
+            path = path[1:]  # the linear patterns read one transposition of the weight
         if path:
             return (f"weight {weight} reaches the matmul through {' -> '.join(reversed(path))}:"
                     " only a frozen weight used as stored (or transposed) is quantized")
+        return (f"{short_target(node)} reads weight {weight} with arguments a linear layer does "
+                "not have (addmm's beta or alpha, a bias of another shape): left in float")
     return None

@@ -84,6 +84,9 @@ def skipped_by(m: Match, globs: tuple[str, ...]) -> str | None:
 def check(m: Match, ctx) -> str | None:
     if reason := check_linear(m):
         return reason
+    if m["weight"].meta.get("attnopt_parameter") is None:
+        return (f"{m['weight'].name} is a constant the model makes in its forward, not a "
+                "parameter: left in float")
     if glob := skipped_by(m, ctx.options.skip):
         return f"{layer_name(m)} is left in float: it matches skip glob {glob!r}"
     dtype = fake_value(m["x"]).dtype

@@ -49,6 +49,15 @@ class CastWeight(torch.nn.Module):
         return F.linear(x, self.proj.weight.to(torch.float64).float() * 2.0)
 
 
+class ScaledAddmm(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(16, 16)
+
+    def forward(self, x):
+        return torch.addmm(self.proj.bias, x, self.proj.weight.t(), alpha=0.5)
+
+
 def flex(q, k, v):
     from torch.nn.attention.flex_attention import flex_attention
 
@@ -62,6 +71,8 @@ CASES = {
     "log_softmax": (LogSoftmax(), (torch.randn(3, 4),), {}, "log_softmax is not rewritten"),
     "cast weight": (CastWeight(), (torch.randn(3, 16),), {"quantize": "w4a16"},
                     "reaches the matmul through aten._to_copy"),
+    "addmm alpha": (ScaledAddmm(), (torch.randn(3, 16),), {"quantize": "w4a16"},
+                    "with arguments a linear layer does not have"),
     "encoder fast path": (torch.nn.TransformerEncoder(torch.nn.TransformerEncoderLayer(
         16, 2, 32, batch_first=True), 1, enable_nested_tensor=False),
         (torch.randn(2, 5, 16),), {}, "PyTorch's fused encoder fast path"),
