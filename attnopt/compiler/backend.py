@@ -24,7 +24,7 @@ from torch.utils._pytree import tree_flatten
 from attnopt.backends.ops import inductor_decompositions, triton_usable
 from attnopt.compiler.capture import capture, per_parameter_set
 from attnopt.compiler.options import Options
-from attnopt.compiler.pipeline import run_pipeline
+from attnopt.compiler.pipeline import collectives_note, run_pipeline
 from attnopt.compiler.reinplace import reinplace_input_updates
 from attnopt.compiler.report import CompileReport, add_report, next_graph_id
 from attnopt.passes import PIPELINE
@@ -58,6 +58,8 @@ def _compile(gm: fx.GraphModule, example_inputs: list, opts: Options) -> Callabl
     def compile_forward(aten: fx.GraphModule, args: list, training: bool, frozen: int) -> Callable:
         report.training, report.frozen_weights = training, frozen
         report.passes = run_pipeline(aten, passes, opts, training=training, frozen=not training)
+        if note := collectives_note(aten.graph):
+            report.notes.append(note)
         return _inner_compile(aten, args, opts, report, is_backward=False, inference=not training)
 
     def compile_backward(aten: fx.GraphModule, args: list) -> Callable:

@@ -43,7 +43,7 @@ from torch.utils import _pytree as pytree
 from attnopt.backends import ops  # noqa: F401  (registers torch.ops.attnopt.*)
 from attnopt.compiler.options import Options
 from attnopt.compiler.past import DecoderWithPast
-from attnopt.compiler.pipeline import run_pipeline
+from attnopt.compiler.pipeline import collectives_note, run_pipeline
 from attnopt.compiler.report import CompileReport, next_graph_id
 from attnopt.passes import PIPELINE
 
@@ -105,6 +105,8 @@ def rewrite_model(
     with tracing(TracingContext(fake_mode)), fake_mode:
         report.passes = run_pipeline(gm, passes, opts, training=False, frozen=True,
                                      exporting=True)
+    if note := collectives_note(gm.graph):
+        report.notes.append(note)
     _drop_unread_constants(gm)
     if opts.report_dir:
         report.write(opts.report_dir)

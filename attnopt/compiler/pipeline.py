@@ -75,10 +75,13 @@ def run_pipeline(
         if skipped is None and p.needs_frozen_weights and not frozen:
             skipped = "weights are not frozen (a training graph)"
         if skipped is None:
-            saved = _snapshot(gm)
+            saved, collectives = _snapshot(gm), _collectives(gm.graph)
             try:
                 rewrites = p.apply(gm, ctx)
                 gm.graph.lint()
+                if _collectives(gm.graph) != collectives:
+                    raise RuntimeError("the pass removed, added or reordered a collective "
+                                       "(all_reduce, all_gather, wait_tensor, ...)")
                 gm.recompile()
             except Exception as e:
                 if options.strict:
@@ -94,6 +97,23 @@ def run_pipeline(
             rewritten=ctx.rewrites if error is None else [], refused=ctx.refused,
         ))
     return records
+
+
+def _collectives(graph: fx.Graph) -> list[fx.Node]:
+    """The graph's communication, in order: functional collectives and their waits (what
+    tensor-parallel models hold). No pass may remove, add or reorder one: a rank that skipped
+    or reordered an all_reduce would hang or mix its peers' data."""
+    return [n for n in graph.nodes if n.op == "call_function" and getattr(
+        n.target, "namespace", None) in ("_c10d_functional", "c10d_functional")]
+
+
+def collectives_note(graph: fx.Graph) -> str | None:
+    """What the report says of the collectives every pass left in place, or None if none."""
+    names = [n.target._opname for n in _collectives(graph)]
+    if not names:
+        return None
+    counts = ", ".join(f"{name} x{names.count(name)}" for name in dict.fromkeys(names))
+    return f"{len(names)} collectives kept as they were, in order: {counts}"
 
 
 @dataclass
