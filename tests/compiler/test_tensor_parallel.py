@@ -5,6 +5,7 @@ were (the report says so), and the output equals the unsharded model's. The pipe
 refuses any pass that removes, adds or reorders a collective."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -24,9 +25,11 @@ WORKER = Path(__file__).with_name("tp_worker.py")
 def ranks(tmp_path_factory) -> list[dict]:
     pytest.importorskip("accelerate")  # transformers' tp_plan loading needs it
     out = tmp_path_factory.mktemp("tp")
+    # Loopback only: the rendezvous (--standalone) and gloo's own sockets.
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "MASTER_ADDR": "127.0.0.1"}
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                     "--nproc_per_node", "2", str(WORKER), str(out)],
-                   check=True, timeout=600, capture_output=True)
+                   check=True, timeout=600, capture_output=True, env=env)
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 
 
