@@ -5,15 +5,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from rich.console import Console
 from rich.markup import escape
 
 from attnopt.commands import models, show, steps
 from attnopt.commands.outputs import check_target, publish, staged
+from attnopt.commands.terminal import console as make_console
 
 
 def run(args: argparse.Namespace) -> int:
-    console = Console()
+    console = make_console()
     for path in (args.html, args.json):
         if path:  # a report is regenerated at will: replacing one needs no --force
             check_target(Path(path), force=True, what="path")
