@@ -191,8 +191,8 @@ def bad_inputs(t, llama_dir, bad=Path("B")):
     return {
         "missing tensor": (["quantize", bad / "missing", "-o", t / "q"],
                            f"the weights do not fit the LlamaForCausalLM config.json describes "
-                           f"(no tensor for {q}), and transformers would fill the gaps with "
-                           "random values"),
+                           f"(no tensor for {q}); transformers would load it anyway, with random "
+                           "values where the weights do not fit"),
         "tensor shape": (["quantize", bad / "reshaped", "-o", t / "q"],
                          f"{q} is [32, 64] in the file and [64, 64] for the config"),
         "extra tensor": (["export", bad / "extra", "-o", t / "m.onnx"],
@@ -218,7 +218,7 @@ def bad_inputs(t, llama_dir, bad=Path("B")):
                                        "file.txt is a file, and -o directory names the "
                                        "directory"),
         "report is a directory": (["diff", llama_dir, "--html", t / "exists"],
-                                  "exists is a directory, and path names the file"),
+                                  "exists is a directory, and --html path names the file"),
         "output replaces model": (["quantize", t / "exists", "-o", t, "--force"],
                                   "would replace MODEL"),
         "factory raises": (["diff", "factories:boom"], "the factory raised RuntimeError: no "

@@ -14,9 +14,9 @@ from attnopt.commands.terminal import console as make_console
 
 def run(args: argparse.Namespace) -> int:
     console = make_console()
-    for path in (args.html, args.json):
+    for flag, path in (("--html", args.html), ("--json", args.json)):
         if path:  # a report is regenerated at will: replacing one needs no --force
-            check_target(Path(path), force=True, what="path")
+            check_target(Path(path), force=True, what=f"{flag} path")
     opts = steps.options(args)
     loaded = models.load(args.model)
     console.print(f"[bold]attnopt diff[/]: {escape(loaded.description)}")

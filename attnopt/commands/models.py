@@ -249,9 +249,9 @@ def _check_weights(path: Path, cls: str, info: dict[str, Any]) -> None:
     if extra:
         problems.append(f"tensors {cls} has no place for: {_few(extra)}")
     raise UsageError(f"MODEL directory {path}: the weights do not fit the {cls} config.json "
-                     f"describes ({'; '.join(problems)}), and transformers would fill the gaps "
-                     "with random values. Give the weights and config.json that save_pretrained "
-                     "wrote together")
+                     f"describes ({'; '.join(problems)}); transformers would load it anyway, "
+                     "with random values where the weights do not fit. Give the weights and the "
+                     "config.json that save_pretrained wrote together")
 
 
 def _few(items: list[str], shown: int = 3) -> str:

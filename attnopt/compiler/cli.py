@@ -7,6 +7,7 @@ import logging
 import signal
 import sys
 import textwrap
+import threading
 import warnings
 from collections.abc import Sequence
 from types import FrameType
@@ -234,7 +235,10 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    handlers = {s: signal.signal(s, _interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
+    # Python runs signal handlers in the main thread only (and lets only it install them).
+    handled = (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is \
+        threading.main_thread() else ()
+    handlers = {s: signal.signal(s, _interrupt) for s in handled}
     try:
         return _run(args)
     except Interrupted as e:
