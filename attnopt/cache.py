@@ -75,6 +75,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NoReturn
 
 import torch
 from torch import Tensor
@@ -114,11 +115,19 @@ class PagedKVCacheError(ValueError, AssertionError):
     process, so that a corrected cache would silently decode unoptimised. Raised from a
     function Dynamo runs while tracing (`_refuse`), an AssertionError is one of the errors it
     passes on unchanged and unwrapped, leaving no compiled state behind: the next call, with a
-    valid cache, compiles afresh."""
+    valid cache, compiles afresh. Dynamo does append the stack it traced to the exception's
+    args; the message stays the one sentence (the traceback shows where it was raised)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
 
 
 @torch.compiler.assume_constant_result
-def _refuse(message: str) -> int:
+def _refuse(message: str) -> NoReturn:
     """Raise PagedKVCacheError(message). Dynamo runs (does not trace) a function marked
     assume_constant_result, so the error is raised at trace time as it is (see the class)."""
     raise PagedKVCacheError(message)
