@@ -7,8 +7,15 @@
     out = model.generate(**inputs, max_new_tokens=64, cache=cache)  # < 5.24: past_key_values=
     cache = PagedKVCache(model.config, max_tokens=4096, int8=True)  # about half of fp16
 
-One cache serves one `generate` call (or one batch of sequences); `cache.reset()` empties it for
-the next without giving back its memory.
+(`attnopt.compat.with_cache(model, cache)` gives the keyword the installed transformers takes.)
+One cache serves one `generate` call at a time; `cache.reset()` empties it for the next without
+giving back its memory. It has N sequence slots (`batch_size=N`, or the first batch's size) and
+serves any batch of b <= N sequences in its first b slots, the others staying empty.
+
+Misuse is refused at the first update with a `PagedKVCacheError` (a ValueError) saying in one
+sentence what to change: a batch larger than N, or K/V whose dtype, device, heads or head dim
+are not those the pools were allocated for. Under torch.compile it leaves no compiled state
+behind, so a corrected cache compiles and decodes as if the failed attempt never happened.
 
 Layout. Each attention layer owns a K pool and a V pool, [num_blocks, block_size, Hkv, D]
 (token-major "NHD", as vLLM's flash-attention backend): K/V are stored once per KV head (GQA-
@@ -68,6 +75,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NoReturn
 
 import torch
 from torch import Tensor
@@ -95,6 +103,40 @@ def slot_mapping(block_table: Tensor, seq_lens: Tensor, num_new: int, block_size
     pos = seq_lens.long()[:, None] + torch.arange(num_new, device=seq_lens.device)
     blocks = block_table.long().gather(1, pos // block_size)
     return blocks * block_size + pos % block_size
+
+
+class PagedKVCacheError(ValueError, AssertionError):
+    """A cache used in a way it was not made for; the message says what to change.
+
+    It is a ValueError to the caller. It is also an AssertionError because of where it is
+    raised: inside the model's forward, which torch.compile traces. A plain exception raised
+    there is a graph break Dynamo cannot resume from in a nested frame, and Dynamo then runs
+    the compiled function and every function it inlined uncompiled for the rest of the
+    process, so that a corrected cache would silently decode unoptimised. Raised from a
+    function Dynamo runs while tracing (`_refuse`), an AssertionError is one of the errors it
+    passes on unchanged and unwrapped, leaving no compiled state behind: the next call, with a
+    valid cache, compiles afresh. Dynamo does append the stack it traced to the exception's
+    args; the message stays the one sentence (the traceback shows where it was raised)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+@torch.compiler.assume_constant_result
+def _refuse(message: str) -> NoReturn:
+    """Raise PagedKVCacheError(message). Dynamo runs (does not trace) a function marked
+    assume_constant_result, so the error is raised at trace time as it is (see the class)."""
+    raise PagedKVCacheError(message)
+
+
+def _first(t: Tensor, rows: int) -> Tensor:
+    """The first `rows` rows of a per-sequence tensor; `t` itself when that is all of it (the
+    graph of a full batch holds no slice)."""
+    return t if t.shape[0] == rows else t[:rows]
 
 
 def _static_addresses(*tensors: Tensor | None) -> None:
@@ -131,7 +173,7 @@ class PagedLayer(CacheLayerMixin):
         c = self.cache
         c._set_batch_size(key_states.shape[0], key_states.device)
         self.dtype, self.device = key_states.dtype, key_states.device
-        self.batch_size, self.num_heads = key_states.shape[:2]
+        self.batch_size, self.num_heads = c.block_table.shape[0], key_states.shape[1]
         self.k_head_dim, self.v_head_dim = key_states.shape[-1], value_states.shape[-1]
         store = torch.int8 if c.int8 else self.dtype
         shape = (c.num_blocks, c.block_size, self.num_heads)
@@ -144,9 +186,30 @@ class PagedLayer(CacheLayerMixin):
         _static_addresses(self.k_pool, self.v_pool, self.k_scale, self.v_scale, self.seq_lens)
         self.is_initialized = True
 
+    def _check_matches(self, key_states: Tensor, value_states: Tensor) -> None:
+        """Refuse K/V the pools were not allocated for (`batch_size`/`dtype`/`device` given up
+        front, or a first batch that differed), before anything is written."""
+        b, heads, _, k_dim = key_states.shape
+        if b > self.batch_size:
+            _refuse(f"PagedKVCache has {_slots(self.batch_size)} and got a batch of {b}: "
+                    f"create it with batch_size={b} or more (it serves any batch up to its "
+                    "batch_size)")
+        if key_states.dtype != self.dtype:
+            _refuse(f"PagedKVCache was allocated for {_name(self.dtype)} K/V and the model "
+                    f"gives {_name(key_states.dtype)}: create it with "
+                    f"dtype={key_states.dtype} (the model's dtype)")
+        if key_states.device != self.device:
+            _refuse(f"PagedKVCache was allocated on {self.device} and the model's K/V are on "
+                    f"{key_states.device}: create it with device='{key_states.device}'")
+        if (heads, k_dim, value_states.shape[-1]) != (self.num_heads, self.k_head_dim,
+                                                     self.v_head_dim):
+            _refuse(f"PagedKVCache was allocated for {self.num_heads} KV heads of "
+                    f"{self.k_head_dim} and the model gives {heads} of {k_dim}: create it with "
+                    "this model's config")
+
     @property
     def lens(self) -> list[int]:
-        """Each sequence's cached length, read from the device."""
+        """Each sequence slot's cached length, read from the device."""
         return self.seq_lens.tolist() if self.is_initialized else []
 
     # --- writing -------------------------------------------------------------------------
@@ -158,31 +221,36 @@ class PagedLayer(CacheLayerMixin):
         appends, e.g. speculative decoding); otherwise every sequence takes all n."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        self._check_matches(key_states, value_states)
         b, _, n, _ = key_states.shape
-        if b != self.batch_size:
-            raise ValueError(f"PagedKVCache holds {self.batch_size} sequences, got K/V for {b} "
-                             "(call reset() before a new batch)")
+        if (b < self.batch_size and not torch.compiler.is_compiling()
+                and self.seq_lens[b:].any()):
+            raise PagedKVCacheError(f"PagedKVCache slots {b} to {self.batch_size - 1} hold tokens "
+                                    f"of an earlier, larger batch: call reset() before a batch "
+                                    f"of {b}")
         if n == 0:
             return
         keys, values = key_states.transpose(1, 2), value_states.transpose(1, 2)  # [B, n, H, D]
+        seq_lens = _first(self.seq_lens, b)
+        table = _first(self.cache.block_table, b)
         if num_new is None:
-            new_lens = self.seq_lens + n
+            new_lens = seq_lens + n
             self.cache._reserve(new_lens, n)
-            slots = slot_mapping(self.cache.block_table, self.seq_lens, n, self.cache.block_size)
+            slots = slot_mapping(table, seq_lens, n, self.cache.block_size)
         else:
             counts = torch.tensor([int(c) for c in num_new])
             if counts.shape != (b,) or not ((counts >= 0) & (counts <= n)).all():
                 raise ValueError(f"num_new must hold {b} counts in [0, {n}], got {num_new}")
             counts = counts.to(self.device, torch.int32)
-            new_lens = self.seq_lens + counts
+            new_lens = seq_lens + counts
             self.cache._reserve(new_lens, n)
-            slots = slot_mapping(self.cache.block_table, self.seq_lens, n, self.cache.block_size)
+            slots = slot_mapping(table, seq_lens, n, self.cache.block_size)
             take = torch.arange(n, device=self.device)[None, :] < counts[:, None]
             slots, keys, values = slots[take], keys[take], values[take]
         slots = slots.reshape(-1)
         self._write(self.k_pool, self.k_scale, slots, keys)
         self._write(self.v_pool, self.v_scale, slots, values)
-        self.seq_lens.copy_(new_lens)
+        seq_lens.copy_(new_lens)
 
     @staticmethod
     def _write(pool: Tensor, scale: Tensor | None, slots: Tensor, x: Tensor) -> None:
@@ -201,16 +269,19 @@ class PagedLayer(CacheLayerMixin):
 
     # --- reading -------------------------------------------------------------------------
 
-    def gather(self) -> tuple[Tensor, Tensor]:
-        """SLOW FALLBACK for unmodified attention: the cached K/V of every sequence as
-        contiguous [B, Hkv, L, D] / [B, Hkv, L, Dv] tensors in the model dtype (int8
-        dequantized), copied out of the blocks. Eager: L is the cached length, the same for
-        every sequence (which `generate` keeps: padding is cached like any token). Compiled: L
-        is the capacity, zeros past each sequence's length. The kv_cache pass replaces the
-        attention reading this copy with `attnopt::paged_attention`, which reads the pools."""
-        table = self.cache.block_table
+    def gather(self, batch: int | None = None) -> tuple[Tensor, Tensor]:
+        """SLOW FALLBACK for unmodified attention: the cached K/V of the first `batch` sequence
+        slots (default all) as contiguous [B, Hkv, L, D] / [B, Hkv, L, Dv] tensors in the model
+        dtype (int8 dequantized), copied out of the blocks. Eager: L is the cached length, the
+        same for every sequence (which `generate` keeps: padding is cached like any token).
+        Compiled: L is the capacity, zeros past each sequence's length. The kv_cache pass
+        replaces the attention reading this copy with `attnopt::paged_attention`, which reads
+        the pools."""
+        batch = self.batch_size if batch is None else batch
+        table = _first(self.cache.block_table, batch)
+        seq_lens = _first(self.seq_lens, batch)
         if not torch.compiler.is_compiling():
-            lens = self.lens
+            lens = seq_lens.tolist()
             if any(n != lens[0] for n in lens):
                 raise NotImplementedError(
                     f"PagedKVCache: the sequences have different lengths {lens}; the eager "
@@ -221,16 +292,17 @@ class PagedLayer(CacheLayerMixin):
         else:
             length = self.cache.capacity
         gather = torch.ops.attnopt.paged_gather
-        return (gather(self.k_pool, table, self.seq_lens, self.k_scale, self.dtype)[:, :, :length],
-                gather(self.v_pool, table, self.seq_lens, self.v_scale, self.dtype)[:, :, :length])
+        return (gather(self.k_pool, table, seq_lens, self.k_scale, self.dtype)[:, :, :length],
+                gather(self.v_pool, table, seq_lens, self.v_scale, self.dtype)[:, :, :length])
 
     # --- the transformers layer interface ------------------------------------------------
 
     def update(self, key_states: Tensor, value_states: Tensor, *args,
                **kwargs) -> tuple[Tensor, Tensor]:
-        """Append the new tokens in place and return all cached K/V (the slow fallback)."""
+        """Append the new tokens in place and return the batch's cached K/V (the slow
+        fallback)."""
         self.append(key_states, value_states)
-        return self.gather()
+        return self.gather(key_states.shape[0])
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         if torch.compiler.is_compiling():
@@ -294,10 +366,12 @@ class PagedKVCache(Cache):
             max_tokens. Compiled decoding reads masks of this length: keep it near what
             generation needs.
         int8: store K/V as int8 with per (token, head) float32 scales.
-        batch_size, dtype, device: allocate the pools now, for this many sequences of the
-            config's KV heads (needs config). Otherwise the first update allocates them; under
-            torch.compile that first prefill is a graph of its own, so a compiled model that
-            decodes into fresh caches should allocate up front (or reuse a cache: `reset()`).
+        batch_size, dtype, device: allocate the pools now, with this many sequence slots, for
+            the config's KV heads (needs config); dtype and device must be the model's (the
+            first update checks them). Otherwise the first update allocates them, with as many
+            slots as its batch has; under torch.compile that first prefill is a graph of its
+            own, so a compiled model that decodes into fresh caches should allocate up front
+            (or reuse a cache: `reset()`). Any batch up to the slots is served.
     """
 
     def __init__(self, config=None, *, max_tokens: int, block_size: int = 16,
@@ -354,6 +428,7 @@ class PagedKVCache(Cache):
     # --- blocks --------------------------------------------------------------------------
 
     def _set_batch_size(self, batch_size: int, device: torch.device) -> None:
+        """Allocate the per-sequence bookkeeping for `batch_size` slots, once."""
         if self.block_table is None:
             self.block_table = torch.zeros((batch_size, self.max_blocks_per_seq),
                                            dtype=torch.int32, device=device)
@@ -363,9 +438,6 @@ class PagedKVCache(Cache):
                                          device=device)
             self.free_count = torch.full((), self.num_blocks, dtype=torch.int32, device=device)
             _static_addresses(self.block_table, self.held, self.free_ids, self.free_count)
-        elif self.block_table.shape[0] != batch_size:
-            raise ValueError(f"PagedKVCache holds {self.block_table.shape[0]} sequences, got "
-                             f"K/V for {batch_size}")
 
     def _reserve(self, lengths: Tensor, max_new_tokens: int) -> None:
         """Make sure sequence b holds the blocks for lengths[b] tokens, having grown by at most
@@ -374,8 +446,10 @@ class PagedKVCache(Cache):
         graphs run it as it is; idempotent, so every layer may call it and the first one to
         need a block takes it for all."""
         bs, width = self.block_size, self.max_blocks_per_seq
+        held = _first(self.held, lengths.shape[0])  # a batch uses the first slots
+        table = _first(self.block_table, lengths.shape[0])
         need = (lengths + bs - 1) // bs
-        count = (need - self.held).clamp(min=0)  # blocks to take, per sequence
+        count = (need - held).clamp(min=0)  # blocks to take, per sequence
         first = torch.cumsum(count, 0) - count  # where each sequence's run starts in the pops
         # A sequence grows by at most ceil(max_new_tokens / bs) blocks (its partly filled block
         # absorbs the rest), and no more than the table holds.
@@ -390,10 +464,10 @@ class PagedKVCache(Cache):
         # Columns held + j are distinct, and taken ones lie in [held, held + count); the
         # others wrap (mod width) to columns below `held` and write back what is there, so
         # the scatter has no duplicate index and needs no mask.
-        cols = ((self.held[:, None] + j) % width).long()
-        self.block_table.scatter_(1, cols, torch.where(take, ids, self.block_table.gather(1, cols)))
+        cols = ((held[:, None] + j) % width).long()
+        table.scatter_(1, cols, torch.where(take, ids, table.gather(1, cols)))
         self.free_count.sub_(count.sum())
-        self.held.copy_(torch.maximum(self.held, need))
+        held.copy_(torch.maximum(held, need))
 
     def _give_back(self, keep: list[int]) -> None:
         """Eager: sequence b keeps its first keep[b] blocks; the rest go back on the free list
@@ -439,7 +513,8 @@ class PagedKVCache(Cache):
         return [] if self.free_ids is None else self.free_ids[:int(self.free_count)].tolist()
 
     def seq_lens_host(self) -> list[int]:
-        """Each sequence's length in its longest layer (all layers agree between steps)."""
+        """Each sequence slot's length in its longest layer (all layers agree between steps);
+        slots a smaller batch left unused are 0."""
         lengths = [layer.lens for layer in self._initialized()]
         return [max(col) for col in zip(*lengths, strict=True)] if lengths else []
 
@@ -490,3 +565,11 @@ class PagedKVCache(Cache):
 
     def batch_select_indices(self, indices: Tensor) -> None:
         raise NotImplementedError("PagedKVCache does not support selecting sequences yet")
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _slots(n: int) -> str:
+    return f"{n} sequence slot{'' if n == 1 else 's'}"

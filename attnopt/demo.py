@@ -8,14 +8,15 @@ import time
 from collections.abc import Callable
 
 import torch
-from rich.console import Console
 from rich.table import Table
 
 import attnopt
+from attnopt.commands.terminal import console as make_console
 from attnopt.models.llama import LlamaConfig, TinyLlama
 
 
-def _median_seconds(fn: Callable[[], object], runs: int) -> float:
+def median_seconds(fn: Callable[[], object], runs: int) -> float:
+    """The median time of `runs` calls of `fn`, after two untimed warm-up calls."""
     fn()
     fn()
     times = []
@@ -33,7 +34,7 @@ def _timed_compile(fn: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, float]
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    console = Console()
+    console = make_console()
     if args.generate:
         from attnopt.demo_decode import run_decode_demo
 
@@ -52,18 +53,18 @@ def run_demo(args: argparse.Namespace) -> int:
         options["report_dir"] = args.report_dir
     with torch.no_grad():
         expected = model(ids)
-        rows = [("eager", _median_seconds(lambda: model(ids), args.runs), None)]
+        rows = [("eager", median_seconds(lambda: model(ids), args.runs), None)]
         if not args.no_baseline:
             baseline = torch.compile(model)
             _, base_compile = _timed_compile(lambda: baseline(ids))
             rows.append(("torch.compile (inductor)",
-                         _median_seconds(lambda: baseline(ids), args.runs), base_compile))
+                         median_seconds(lambda: baseline(ids), args.runs), base_compile))
             torch._dynamo.reset()  # attnopt compiles from a clean cache, as a user's would
         attnopt.clear_reports()
         fast = torch.compile(model, backend="attnopt", options=options)
         got, attnopt_compile = _timed_compile(lambda: fast(ids))
         rows.append((f"attnopt (inner={args.inner})",
-                     _median_seconds(lambda: fast(ids), args.runs), attnopt_compile))
+                     median_seconds(lambda: fast(ids), args.runs), attnopt_compile))
 
     reports = attnopt.reports()
     rewrites = Table(title="What attnopt rewrote")

@@ -1,6 +1,7 @@
 """`attnopt demo --generate N`: greedy decoding on a built-in transformers Llama, eager with its
 DynamicCache against attnopt with `PagedKVCache`: the tokens (which must be equal), the time
-per token, how many graphs were compiled and what the cache holds."""
+per token (the median of `--runs` generations after two warm-up ones, as the forward demo
+times), how many graphs were compiled and what the cache holds."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from torch._dynamo.utils import counters
 import attnopt
 from attnopt.cache import PagedKVCache
 from attnopt.compat import with_cache
+from attnopt.demo import median_seconds
 from attnopt.models.llama import LlamaConfig
 
 BLOCK_SIZE = 16
@@ -35,12 +37,12 @@ def _build(args: argparse.Namespace, dtype: torch.dtype) -> torch.nn.Module:
 
 
 def _generate(model: torch.nn.Module, inputs: dict, new_tokens: int,
-              cache: object = None) -> tuple[torch.Tensor, float]:
-    """The generated ids and the seconds they took (the prefill included)."""
-    start = time.perf_counter()
-    out = model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                         do_sample=False, disable_compile=True, **with_cache(model, cache))
-    return out, time.perf_counter() - start
+              cache: PagedKVCache | None = None) -> torch.Tensor:
+    """The generated ids (greedy), into `cache` emptied first, or a new DynamicCache."""
+    if cache is not None:
+        cache.reset()
+    return model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                          do_sample=False, disable_compile=True, **with_cache(model, cache))
 
 
 def run_decode_demo(args: argparse.Namespace, console: Console) -> int:
@@ -65,8 +67,8 @@ def run_decode_demo(args: argparse.Namespace, console: Console) -> int:
                             batch_size=args.batch, dtype=dtype)
 
     with torch.no_grad():
-        _generate(model, inputs, 2)  # warm up
-        expected, eager_s = _generate(model, inputs, n)
+        expected = _generate(model, inputs, n)
+        eager_s = median_seconds(lambda: _generate(model, inputs, n), args.runs)
         torch._dynamo.reset()
         attnopt.clear_reports()
         counters.clear()
@@ -74,24 +76,29 @@ def run_decode_demo(args: argparse.Namespace, console: Console) -> int:
         model.forward = torch.compile(eager_forward, backend="attnopt",
                                       options={"inner": args.inner})
         try:
-            _, first_s = _generate(model, inputs, n, paged_cache())  # compiles
-            cache = paged_cache()
-            got, attnopt_s = _generate(model, inputs, n, cache)
+            start = time.perf_counter()
+            _generate(model, inputs, n, paged_cache())  # compiles
+            first_s = time.perf_counter() - start
+            cache = paged_cache()  # a second cache: nothing recompiles for it
+            attnopt_s = median_seconds(lambda: _generate(model, inputs, n, cache), args.runs)
+            got = _generate(model, inputs, n, cache)
         finally:
             model.forward = eager_forward
     graphs = counters["stats"]["unique_graphs"]
+    generations = args.runs + 4  # the first, two warm-ups, the timed runs, the checked one
 
     reports = attnopt.reports()
     totals = {k: sum(r.counts[k] for r in reports) for k in attnopt.CompileReport.COUNT_KEYS}
     console.print("counts: " + ", ".join(f"{k}={v}" for k, v in totals.items()))
     same = torch.equal(got, expected)
     console.print(f"greedy tokens equal to eager's: {'yes' if same else '[red]NO[/]'}; "
-                  f"graphs compiled: {graphs} (prefill and decode, for both generations)")
+                  f"graphs compiled: {graphs} (prefill and decode, for all {generations} "
+                  "generations)")
     console.print(f"paged cache: {cache.bytes_allocated() / 2**10:.0f} KiB in blocks of "
                   f"{BLOCK_SIZE} tokens for {cache.bytes_ideal() / 2**10:.0f} KiB of tokens "
                   f"({cache.seq_lens_host()[0]} per sequence)")
 
-    timing = Table(title=f"{n} new tokens, prefill included")
+    timing = Table(title=f"{n} new tokens, prefill included, median of {args.runs} runs")
     for col in ("variant", "ms / token", "speed vs eager", "first call s"):
         timing.add_column(col, justify="right" if col != "variant" else "left")
     timing.add_row("eager (DynamicCache)", f"{eager_s / n * 1e3:.2f}", "1.00x", "-")

@@ -9,7 +9,7 @@ import torch
 
 from attnopt.backends import ops, reference
 from attnopt.backends.triton import paged_attention as kernel
-from attnopt.cache import PagedKVCache, quantize_int8
+from attnopt.cache import PagedKVCache, PagedKVCacheError, quantize_int8
 from attnopt.compat import with_cache
 
 transformers = pytest.importorskip("transformers")
@@ -48,6 +48,54 @@ def test_generate_gives_the_dynamic_cache_tokens(llama, length, attn):
     # The prompt and 7 fed-back tokens (the 8th is never fed) are cached per sequence.
     assert cache.seq_lens_host() == [length + 7] * 2
     assert cache.get_seq_length() == length + 7
+
+
+def test_a_cache_for_n_sequences_serves_any_smaller_batch(llama):
+    # Allocated for 4 sequences up front (a server's cache), it decodes 2 prompts, then after
+    # reset() 1 prompt, in its first slots, with exactly the DynamicCache's tokens; the unused
+    # slots stay empty.
+    llama.config._attn_implementation = "sdpa"
+    cache = PagedKVCache(llama.config, max_tokens=128, block_size=4, batch_size=4,
+                         dtype=torch.float32)
+    pair = prompts(6)
+    assert torch.equal(generate(llama, pair, cache), generate(llama, pair))
+    assert cache.seq_lens_host() == [13, 13, 0, 0]
+    assert [len(b) for b in cache.blocks] == [4, 4, 0, 0]
+    cache.reset()
+    one = {k: v[:1] for k, v in prompts(9).items()}
+    assert torch.equal(generate(llama, one, cache), generate(llama, one))
+    assert cache.seq_lens_host() == [16, 0, 0, 0]
+    # Without reset(), a smaller batch would read the slots the larger one left behind.
+    with pytest.raises(PagedKVCacheError, match=r"slots 1 to 3 hold tokens of an earlier, "
+                                                r"larger batch: call reset\(\) before"):
+        cache.reset()
+        generate(llama, pair, cache)
+        generate(llama, one, cache)
+
+
+@pytest.mark.parametrize("wrong", ["batch", "dtype", "heads"])
+def test_a_cache_made_for_other_kv_is_refused_in_one_sentence(llama, wrong):
+    llama.config._attn_implementation = "sdpa"
+    made = dict(max_tokens=64, block_size=4, batch_size=2, dtype=torch.float32)
+    config = llama.config
+    if wrong == "batch":
+        made["batch_size"] = 1
+        message = (r"PagedKVCache has 1 sequence slot and got a batch of 2: create it with "
+                   r"batch_size=2 or more")
+    elif wrong == "dtype":
+        made["dtype"] = torch.bfloat16
+        message = (r"PagedKVCache was allocated for bfloat16 K/V and the model gives float32: "
+                   r"create it with dtype=torch.float32 \(the model's dtype\)")
+    else:  # another model's config: 4 KV heads of 8 where the model has 2 of 16
+        config = transformers.LlamaConfig(hidden_size=32, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=4)
+        message = (r"PagedKVCache was allocated for 4 KV heads of 8 and the model gives 2 of "
+                   r"16: create it with this model's config")
+    cache = PagedKVCache(config, **made)
+    with pytest.raises(PagedKVCacheError, match=message) as refused:
+        generate(llama, prompts(5), cache)
+    assert isinstance(refused.value, ValueError)
+    assert cache.seq_lens_host() == [0] * made["batch_size"]  # refused before any write
 
 
 def test_sliding_window_layers_keep_their_history_and_stay_exact():
@@ -137,7 +185,7 @@ def test_ragged_appends_release_crop_reset_and_a_full_pool():
         layer.append(*kv(2, 16))
     cache.reset()
     assert cache.get_seq_length() == 0 and len(cache.free_blocks) == 8
-    with pytest.raises(ValueError, match="sequences"):
+    with pytest.raises(ValueError, match="has 2 sequence slots and got a batch of 3"):
         cache.update(*kv(3, 1), 0)
 
 

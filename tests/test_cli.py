@@ -3,8 +3,12 @@ and a non-zero status before anything is written, and quantize / export / diff e
 transformers models saved with save_pretrained and on the trained MiniLM."""
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -70,11 +74,14 @@ def test_demo_reports_rewrites_error_and_timings(tmp_path):
 
 def test_demo_generate_gives_eager_tokens_without_recompiling(capsys):
     status, out, _ = run(capsys, "demo", "--generate", 6, "--seq", 12, "--batch", 2,
-                         "--inner", "eager")
+                         "--inner", "eager", "--runs", 3)
     assert status == 0, out
-    assert "greedy tokens equal to eager's: yes" in out and "graphs compiled: 2 " in out
+    assert "greedy tokens equal to eager's: yes" in out
+    assert "graphs compiled: 2 (prefill and decode, for all 7 generations)" in out
     assert "kv_cache=4" in out  # two layers, in the prefill and in the decode graph
     assert "attnopt (PagedKVCache, inner=eager)" in out
+    # Timed as the forward demo times: the median of --runs generations, after warm-ups.
+    assert "6 new tokens, prefill included, median of 3 runs" in out
 
 
 # --- models on disk --------------------------------------------------------------------------
@@ -115,7 +122,50 @@ def leftovers(directory):
 # --- bad input ---------------------------------------------------------------------------------
 
 
+@pytest.fixture(scope="module")
+def bad_models(tmp_path_factory, llama_dir):
+    """Copies of the tiny Llama broken the ways a checkpoint on disk gets broken."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    root = tmp_path_factory.mktemp("bad_models")
+    weights = load_file(llama_dir / "model.safetensors")
+    q = "model.layers.0.self_attn.q_proj.weight"
+    changed = {"missing": {k: v for k, v in weights.items() if k != q},
+               "reshaped": {**weights, q: torch.zeros(32, 64)},
+               "extra": {**weights, "model.layers.2.mlp.up_proj.weight": torch.zeros(2, 2)}}
+    for name in (*changed, "truncated", "not_json", "unknown_type", "bad_tokenizer"):
+        shutil.copytree(llama_dir, root / name)
+    for name, tensors in changed.items():
+        save_file(tensors, root / name / "model.safetensors", metadata={"format": "pt"})
+    data = (llama_dir / "model.safetensors").read_bytes()
+    (root / "truncated" / "model.safetensors").write_bytes(data[:len(data) // 2])
+    (root / "not_json" / "config.json").write_text('{"model_type": "llama",')
+    config = json.loads((llama_dir / "config.json").read_text())
+    (root / "unknown_type" / "config.json").write_text(json.dumps({**config,
+                                                                   "model_type": "nosuch"}))
+    (root / "bad_tokenizer" / "tokenizer.json").write_text("not a tokenizer")
+    return root
+
+
+def writable(directory: Path) -> bool:
+    try:
+        Path(tempfile.mkdtemp(dir=directory)).rmdir()
+        return True
+    except OSError:
+        return False
+
+
+def unwritable_dir(t: Path) -> Path:
+    """t/readonly (mode 555) when that stops this user writing, else (root) /sys/kernel, which
+    refuses even root."""
+    readonly = t / "readonly"
+    return readonly if not writable(readonly) else Path("/sys/kernel")
+
+
 def make_bad_files(tmp_path):
+    (tmp_path / "readonly").mkdir(mode=0o555)
     (tmp_path / "empty").mkdir()
     (tmp_path / "no_weights").mkdir()
     (tmp_path / "no_weights" / "config.json").write_text("{}")
@@ -127,12 +177,57 @@ def make_bad_files(tmp_path):
         "import torch\nnumber = 3\ndef wrong():\n    return torch.nn.Linear(2, 2)\n"
         "class Embed(torch.nn.Embedding):\n    def forward(self, input_ids):\n"
         "        return super().forward(input_ids)\n"
-        "def encoder():\n    return Embed(8, 4), {'input_ids': torch.zeros(2, 3).long()}\n")
+        "def encoder():\n    return Embed(8, 4), {'input_ids': torch.zeros(2, 3).long()}\n"
+        "def boom():\n    raise RuntimeError('no weights here')\n")
+    (tmp_path / "broken_syntax.py").write_text("def build(:\n    pass\n")
+    (tmp_path / "broken_import.py").write_text("import torch\nmodel = undefined_name\n")
+    (tmp_path / "dir.onnx").mkdir()
 
 
-def bad_inputs(t, llama_dir):
-    """case: (arguments, what the message says), for files `make_bad_files` made in t."""
+def bad_inputs(t, llama_dir, bad=Path("B")):
+    """case: (arguments, what the message says), for files `make_bad_files` made in t and the
+    model directories `bad_models` made in `bad`."""
+    q = "model.layers.0.self_attn.q_proj.weight"
     return {
+        "missing tensor": (["quantize", bad / "missing", "-o", t / "q"],
+                           f"the weights do not fit the LlamaForCausalLM config.json describes "
+                           f"(no tensor for {q}); transformers would load it anyway, with random "
+                           "values where the weights do not fit"),
+        "tensor shape": (["quantize", bad / "reshaped", "-o", t / "q"],
+                         f"{q} is [32, 64] in the file and [64, 64] for the config"),
+        "extra tensor": (["export", bad / "extra", "-o", t / "m.onnx"],
+                         "tensors LlamaForCausalLM has no place for: "
+                         "model.layers.2.mlp.up_proj.weight"),
+        "truncated safetensors": (["quantize", bad / "truncated", "-o", t / "q"],
+                                  "model.safetensors is not a readable safetensors file "
+                                  "(SafetensorError: "),
+        "config not json": (["diff", bad / "not_json"], "is not a valid JSON file"),
+        "unknown model type": (["diff", bad / "unknown_type"],
+                               "model type `nosuch` but Transformers does not recognize"),
+        "tokenizer broken": (["diff", bad / "bad_tokenizer"],
+                             "has tokenizer files that transformers could not load"),
+        "output dir unwritable": (["quantize", llama_dir, "-o", unwritable_dir(t) / "q"],
+                                  "is not writable"),
+        "output file unwritable": (["export", llama_dir, "-o", unwritable_dir(t) / "m.onnx"],
+                                   "is not writable"),
+        "output parent is a file": (["quantize", llama_dir, "-o", t / "file.txt" / "q"],
+                                    "file.txt is a file, not a directory"),
+        "output file is a directory": (["export", llama_dir, "-o", t / "dir.onnx", "--force"],
+                                       "dir.onnx is a directory, and -o path names the file"),
+        "output directory is a file": (["quantize", llama_dir, "-o", t / "file.txt", "--force"],
+                                       "file.txt is a file, and -o directory names the "
+                                       "directory"),
+        "report is a directory": (["diff", llama_dir, "--html", t / "exists"],
+                                  "exists is a directory, and --html path names the file"),
+        "output replaces model": (["quantize", t / "exists", "-o", t, "--force"],
+                                  "would replace MODEL"),
+        "factory raises": (["diff", "factories:boom"], "the factory raised RuntimeError: no "
+                           "weights here at"),
+        "factory module syntax": (["diff", "broken_syntax:build"], "importing module "
+                                  "'broken_syntax' failed (SyntaxError: "),
+        "factory module raises": (["diff", "broken_import:build"], "importing module "
+                                  "'broken_import' failed (NameError: name 'undefined_name' is "
+                                  "not defined at "),
         "no such model": (["export", t / "nope", "-o", t / "m.onnx"],
                           "is neither an existing directory nor a factory"),
         "model is a file": (["export", t / "file.txt", "-o", t / "m.onnx"],
@@ -183,16 +278,20 @@ BAD_INPUTS = list(bad_inputs(Path("T"), Path("M")))
 
 
 @pytest.mark.parametrize("case", BAD_INPUTS)
-def test_bad_input_is_refused_with_a_message(capsys, monkeypatch, tmp_path, llama_dir, case):
+def test_bad_input_is_refused_with_a_message(capsys, monkeypatch, tmp_path, llama_dir,
+                                             bad_models, case):
     monkeypatch.chdir(tmp_path)  # factories.py is imported from the current directory
     monkeypatch.syspath_prepend(str(tmp_path))
     make_bad_files(tmp_path)
-    args, message = bad_inputs(tmp_path, llama_dir)[case]
+    args, message = bad_inputs(tmp_path, llama_dir, bad_models)[case]
     before = sorted(p.name for p in tmp_path.iterdir())
+    models_before = sorted(p.name for p in bad_models.rglob("*"))
     status, out, err = run(capsys, *args)
     assert status == 2, out + err
     assert message in err and err.startswith(f"attnopt {args[0]}: error: ")
+    assert "Traceback" not in out + err
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
+    assert sorted(p.name for p in bad_models.rglob("*")) == models_before
 
 
 @pytest.mark.parametrize("args", [["export", "M", "-o", "m.onnx", "--quantize", "w8"],
@@ -401,3 +500,80 @@ def test_diff_prints_the_rewrites_and_writes_reports(capsys, tmp_path, llama_dir
     assert html.read_text().startswith("<!doctype html>")
     assert json.loads(report.read_text())["counts"]["w4a16_linear"] == 14
     assert not leftovers(tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_during_quantize_leaves_nothing_behind(tmp_path, llama_dir, signum):
+    """Stopped while the output is being written (its staging directory exists), quantize
+    removes it, leaves no OUT, says so in one line and exits 128 + the signal's number."""
+    out = tmp_path / "q"
+    command = attnopt_popen("quantize", llama_dir, "-o", out, "--onnx", "--verify")
+    deadline = time.monotonic() + 240
+    while not leftovers(tmp_path) and command.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert leftovers(tmp_path), "the staging directory never appeared"
+    command.send_signal(signum)
+    stdout, stderr = command.communicate(timeout=120)
+    assert command.returncode == 128 + signum, stdout + stderr
+    name = signal.Signals(signum).name
+    assert stderr.strip() == (f"attnopt quantize: stopped by {name}; no partial output was "
+                              "left behind")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def attnopt_popen(*args) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "attnopt.compiler.cli", *map(str, args)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.slow
+def test_piped_output_is_not_wrapped(tmp_path, llama_dir):
+    """Piped (here into a file), rows of tables and the counts stay on one line each, however
+    long, and names stay whole; on a terminal rich wraps them to its width."""
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    done = subprocess.run([sys.executable, "-m", "attnopt.compiler.cli", "diff", str(llama_dir),
+                           "--quantize", "w4a16", "--passes", "attention,quantize"],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert ("counts: attention=2, softmax=0, moe=0, w4a16_linear=14, linear_fusion=0, "
+            "kv_cache=0") in lines
+    [row] = [line for line in lines if line.startswith("│ quantize ")]
+    assert row.endswith(": lm_head is left in float: it matches skip glob 'lm_head' │")
+    assert max(map(len, lines)) > 80
+
+
+@pytest.mark.slow
+def test_quantized_minilm_loads_in_sentence_transformers(capsys, tmp_path, minilm_dir):
+    """OUT holds every file and folder of MODEL but its float weights (1_Pooling/ that
+    modules.json names, README.md, ...), so sentence-transformers loads it as it loads MODEL;
+    with the int4 layers put in place by load_quantized, its embeddings are the int4 model's
+    own, mean-pooled over the mask and L2-normalised as 1_Pooling and 2_Normalize say."""
+    st = pytest.importorskip("sentence_transformers")
+    from attnopt import load_quantized
+    from tests.quantization.test_minilm_quantized import SENTENCES
+
+    out = tmp_path / "minilm-int4"
+    status, text, err = run(capsys, "quantize", minilm_dir, "-o", out)
+    assert status == 0, text + err
+    source = {p.relative_to(minilm_dir) for p in Path(minilm_dir).rglob("*")}
+    assert {p.relative_to(out) for p in out.rglob("*")} == source | {
+        Path("quantization_config.json")}
+    assert Path("1_Pooling", "config.json") in source
+
+    encoder = st.SentenceTransformer(str(out), device="cpu")
+    load_quantized(encoder[0].auto_model, out)
+    got = encoder.encode(SENTENCES, convert_to_tensor=True, batch_size=1)
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    config = transformers.AutoConfig.from_pretrained(out)
+    int4 = load_quantized(transformers.AutoModel.from_config(config).eval(), out)
+    with torch.no_grad():
+        hidden = [int4(**tokenizer(s, return_tensors="pt")).last_hidden_state[0]
+                  for s in SENTENCES]
+    want = torch.nn.functional.normalize(torch.stack([h.mean(0) for h in hidden]), dim=-1)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    # Not the float model's embeddings: the int4 weights were used.
+    fp32 = st.SentenceTransformer(str(minilm_dir), device="cpu")
+    assert not torch.allclose(fp32.encode(SENTENCES, convert_to_tensor=True), got, atol=1e-3)

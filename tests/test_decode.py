@@ -9,7 +9,7 @@ import torch
 from torch._dynamo.utils import counters
 
 import attnopt
-from attnopt.cache import PagedKVCache
+from attnopt.cache import PagedKVCache, PagedKVCacheError
 from attnopt.compat import with_cache
 
 transformers = pytest.importorskip("transformers")
@@ -104,6 +104,56 @@ def test_decoding_never_recompiles_and_memory_grows_by_blocks():
     generate(model, inputs, cache)
     generate(model, inputs, fresh_cache())
     assert graphs() == 2
+
+
+def test_a_serving_cache_decodes_smaller_batches_without_recompiles():
+    # A cache allocated for 4 sequences decodes a batch of 2 in its first slots: eager's
+    # tokens, every layer read in place, 2 graphs; again after reset(), and in another cache of
+    # 4 slots, without a recompile.
+    model = build("llama")
+    inputs = prompts(2, 7, pad=2)
+    want = generate(model, inputs)
+    model = compiled(model)
+    counters.clear()
+
+    def serving_cache() -> PagedKVCache:
+        return PagedKVCache(model.config, max_tokens=128, block_size=4, max_seq_len=32,
+                            batch_size=4, dtype=torch.float32)
+
+    cache = serving_cache()
+    assert torch.equal(generate(model, inputs, cache), want)
+    assert cache.seq_lens_host() == [12, 12, 0, 0]
+    cache.reset()
+    assert torch.equal(generate(model, inputs, cache), want)
+    assert torch.equal(generate(model, inputs, serving_cache()), want)
+    assert graphs() == 2
+    assert all(r.counts["kv_cache"] == LAYERS for r in attnopt.reports())
+    assert not leftover_gathers()
+
+
+@pytest.mark.parametrize("wrong", [{"batch_size": 1}, {"dtype": torch.bfloat16}])
+def test_a_refused_cache_leaves_later_compiles_whole(wrong):
+    # The refusal is raised while Dynamo traces the forward. Afterwards a correct cache still
+    # compiles to the 2 graphs with every layer's attention reading the pools (a plain
+    # exception there would leave the forward running uncompiled, split into ~20 graphs).
+    model = build("llama")
+    inputs = prompts(2, 7, pad=2)
+    want = generate(model, inputs)
+    model = compiled(model)
+
+    def cache(**changes) -> PagedKVCache:
+        made = dict(max_tokens=64, block_size=4, max_seq_len=32, batch_size=2,
+                    dtype=torch.float32)
+        return PagedKVCache(model.config, **{**made, **changes})
+
+    with pytest.raises(PagedKVCacheError, match="create it with") as refused:
+        generate(model, inputs, cache(**wrong))
+    assert "\n" not in str(refused.value)  # one sentence, not Dynamo's stack appended to it
+    counters.clear()
+    attnopt.clear_reports()
+    assert torch.equal(generate(model, inputs, cache()), want)
+    assert graphs() == 2
+    assert all(r.counts["kv_cache"] == LAYERS for r in attnopt.reports())
 
 
 def test_int8_cache_compiled_matches_int8_cache_eager():

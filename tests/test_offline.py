@@ -2,6 +2,10 @@
 passes over it (same rewrites as torch.compile), a rewritten module that takes new batch sizes
 and lengths, and its ONNX export run in ONNX Runtime."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -130,3 +134,60 @@ def test_op_without_translation_is_refused(tmp_path):
                                          r"translation yet; leave out the pass"):
         attnopt.export_onnx(PagedDecode(), tmp_path / "decode.onnx", inputs)
     assert not (tmp_path / "decode.onnx").exists()
+
+
+def test_transformers_causal_lm_is_rewritten_as_given():
+    """A transformers causal LM returns its KV cache (a DynamicCache torch.export cannot
+    output) unless use_cache=False: rewrite_model takes the inputs without it, the rewritten
+    graph is called with the same inputs and gives eager's logits, and the model's config is
+    as it was."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2)).eval()
+    ids = torch.randint(0, 128, (2, 9))
+    rewritten = rewrite_model(llama, kwargs={"input_ids": ids,
+                                             "attention_mask": torch.ones_like(ids)})
+    assert rewritten.report.counts["attention"] == 2 and llama.config.use_cache is True
+    other = torch.randint(0, 128, (3, 5))
+    inputs = {"input_ids": other, "attention_mask": torch.ones_like(other)}
+    with torch.no_grad():
+        torch.testing.assert_close(rewritten.module(**inputs).logits, llama(**inputs).logits,
+                                   rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("use_transformers", [False, True])
+def test_a_batch_of_one_example_keeps_the_batch_dynamic(use_transformers):
+    # torch.export specialises a size of 1; the example is exported as two copies of its row,
+    # so other batch sizes run (a guard on batch == 1 would fail them).
+    if use_transformers:
+        transformers = pytest.importorskip("transformers")
+        torch.manual_seed(0)
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+            num_attention_heads=4, num_key_value_heads=2)).eval()
+    else:
+        model = tiny_llama()
+    rewritten = rewrite_model(model, kwargs={"input_ids": token_ids(1, 16)})
+    with torch.no_grad():
+        for batch, length in ((3, 9), (1, 12)):
+            ids = token_ids(batch, length, seed=batch)
+            got, want = rewritten.module(input_ids=ids), model(input_ids=ids)
+            if use_transformers:
+                got, want = got.logits, want.logits
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_export_onnx_prints_nothing(tmp_path):
+    # No "torchvision is not installed" notices from torch.onnx's registry (4 per export), no
+    # deprecation warnings from torch's own code: the CLI never showed them, nor does Python.
+    needs_onnx()
+    script = ("import torch, attnopt\n"
+              "from tests.test_offline import tiny_llama, token_ids\n"
+              f"attnopt.export_onnx(tiny_llama(), {str(tmp_path / 'llama.onnx')!r}, "
+              "(token_ids(2, 8),))\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=300, cwd=Path(__file__).parent.parent)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout + done.stderr == ""

@@ -5,18 +5,18 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from rich.console import Console
 from rich.markup import escape
 
 from attnopt.commands import models, show, steps
 from attnopt.commands.outputs import check_target, publish, staged
+from attnopt.commands.terminal import console as make_console
 
 
 def run(args: argparse.Namespace) -> int:
-    console = Console()
-    for path in (args.html, args.json):
+    console = make_console()
+    for flag, path in (("--html", args.html), ("--json", args.json)):
         if path:  # a report is regenerated at will: replacing one needs no --force
-            check_target(Path(path), force=True, what="path")
+            check_target(Path(path), force=True, what=f"{flag} path")
     opts = steps.options(args)
     loaded = models.load(args.model)
     console.print(f"[bold]attnopt diff[/]: {escape(loaded.description)}")

@@ -5,16 +5,16 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from rich.console import Console
 from rich.markup import escape
 
 from attnopt.commands import UsageError, models, show, steps
 from attnopt.commands.outputs import check_target, publish, staged
+from attnopt.commands.terminal import console as make_console
 from attnopt.compiler import past
 
 
 def run(args: argparse.Namespace) -> int:
-    console = Console()
+    console = make_console()
     out = Path(args.output)
     if out.suffix != ".onnx":
         raise UsageError(f"-o {out}: the output must be a file ending in .onnx")

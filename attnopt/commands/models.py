@@ -1,14 +1,18 @@
 """MODEL as the commands take it: a transformers model directory, or `package.module:factory`.
 
 A directory holds config.json and safetensors weights (what `save_pretrained` writes) and is
-loaded offline (`local_files_only=True`) in float32, with the class its config names. Its
-example inputs come from its tokenizer when it has one (a fixed batch of two sentences), else
-random token ids; inputs for `--verify` are a different batch, of another size and length, so
-the exported dynamic dims are exercised too.
+loaded offline (`local_files_only=True`) in float32, with the class its config names. A
+directory that does not give that class every weight, in the shape its config says, is
+refused (transformers would fill the gap with random values): a missing or extra tensor, a
+tensor of another shape, a truncated safetensors file. Its example inputs come from its
+tokenizer when it has one (a fixed batch of two sentences), else random token ids; inputs for
+`--verify` are a different batch, of another size and length, so the exported dynamic dims are
+exercised too.
 
 A factory is a callable, importable from the current directory or the environment, returning
 `(model, example_inputs)` with the inputs a tuple of positional arguments, a dict of keyword
-arguments or a single tensor. `--verify` reuses those inputs.
+arguments or a single tensor. `--verify` reuses those inputs. A module that fails to import and
+a factory that raises are bad input, reported with the error they raised.
 
 AWQ calibrates on text tokenized with the model's tokenizer (`LoadedModel.calibration`) or, when
 no text is given, on random token ids (`LoadedModel.random_calibration`).
@@ -20,6 +24,7 @@ import importlib
 import inspect
 import re
 import sys
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -179,6 +184,7 @@ def _from_directory(path: Path) -> LoadedModel:
         raise UsageError(f"MODEL directory {path} has no .safetensors weights (pytorch_model.bin "
                          "is not read: it is a pickle). Re-save the model with "
                          "save_pretrained(directory), which writes safetensors")
+    _check_safetensors(path)
     import transformers
 
     # Weight-loading progress bars and config notices are noise on a command's output.
@@ -192,11 +198,16 @@ def _from_directory(path: Path) -> LoadedModel:
             names = getattr(config, "architectures", None) or []
             cls = getattr(transformers, names[0], None) if names else None
             cls = cls or transformers.AutoModel
-            model = cls.from_pretrained(path, local_files_only=True, dtype=torch.float32).eval()
-        except (OSError, ValueError, KeyError) as e:
+            # Mismatched shapes are reported by the check below, with the others, not raised.
+            model, info = cls.from_pretrained(path, local_files_only=True, dtype=torch.float32,
+                                              output_loading_info=True,
+                                              ignore_mismatched_sizes=True)
+        except Exception as e:  # transformers raises many types for a directory it cannot read
             raise UsageError(f"MODEL directory {path} could not be loaded by transformers "
                              f"({describe(e)}). Check that it was written by "
                              "save_pretrained with this transformers version") from None
+        _check_weights(path, type(model).__name__, info)
+    model.eval()
     tokenizer = _tokenizer(path)
     params = sum(p.numel() for p in model.parameters())
     description = f"{type(model).__name__} from {path} ({params / 1e6:.1f}M parameters)"
@@ -205,8 +216,6 @@ def _from_directory(path: Path) -> LoadedModel:
     else:
         kwargs, verify = _random_tokens(model, description, 2, 16), _random_tokens(
             model, description, 3, 11, seed=1)
-    if "use_cache" in inspect.signature(model.forward).parameters:
-        kwargs["use_cache"] = verify["use_cache"] = False  # no KV cache object in the outputs
     return LoadedModel(model, (), kwargs, (), verify, description, path, tokenizer)
 
 
@@ -238,6 +247,50 @@ def _int4_model(path: Path) -> nn.Module:
                          f"{e}") from None
 
 
+def _check_safetensors(path: Path) -> None:
+    """Every .safetensors file must be whole: its header read, and the file as long as the
+    header says (a file cut short by an interrupted copy or download is not)."""
+    from safetensors import safe_open
+
+    for file in sorted(path.glob("*.safetensors")):
+        try:
+            with safe_open(file, framework="pt"):
+                pass
+        except Exception as e:  # SafetensorError, or an OSError for a directory or no access
+            raise UsageError(f"MODEL directory {path}: {file.name} is not a readable safetensors "
+                             f"file ({describe(e)}); it may be truncated by an interrupted copy "
+                             "or download: copy it again") from None
+
+
+def _check_weights(path: Path, cls: str, info: dict[str, Any]) -> None:
+    """Refuse a checkpoint that does not give the class built from config.json each of its
+    weights exactly: transformers would give the missing ones random values, drop the extra
+    ones and re-initialise those of another shape, and attnopt would quantize the result."""
+    missing, extra = sorted(info["missing_keys"]), sorted(info["unexpected_keys"])
+    mismatched = sorted(info["mismatched_keys"])
+    if not (missing or extra or mismatched):
+        return
+    problems = []
+    if missing:
+        problems.append(f"no tensor for {_few(missing)}")
+    if mismatched:
+        shapes = [f"{name} is {list(saved)} in the file and {list(wanted)} for the config"
+                  for name, saved, wanted in mismatched]
+        problems.append(_few(shapes))
+    if extra:
+        problems.append(f"tensors {cls} has no place for: {_few(extra)}")
+    raise UsageError(f"MODEL directory {path}: the weights do not fit the {cls} config.json "
+                     f"describes ({'; '.join(problems)}); transformers would load it anyway, "
+                     "with random values where the weights do not fit. Give the weights and the "
+                     "config.json that save_pretrained wrote together")
+
+
+def _few(items: list[str], shown: int = 3) -> str:
+    """The first `shown` items, and how many more."""
+    more = f" and {len(items) - shown} more" if len(items) > shown else ""
+    return ", ".join(items[:shown]) + more
+
+
 def _tokenizer(path: Path) -> Any:
     if not any((path / name).is_file() for name in TOKENIZER_FILES):
         return None
@@ -245,7 +298,7 @@ def _tokenizer(path: Path) -> Any:
 
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError, KeyError) as e:
+    except Exception as e:  # the tokenizers library raises a bare Exception for a bad file
         raise UsageError(f"MODEL directory {path} has tokenizer files that transformers could "
                          f"not load ({describe(e)}). Remove them to use "
                          "random token ids, or fix them") from None
@@ -323,6 +376,9 @@ def _from_factory(spec: str) -> LoadedModel:
         raise UsageError(f"MODEL {spec}: module {module_name!r} cannot be imported ({e}). It "
                          "must be importable from the current directory or the environment"
                          ) from None
+    except Exception as e:  # the module's own code failed: a SyntaxError, a NameError, ...
+        raise UsageError(f"MODEL {spec}: importing module {module_name!r} failed "
+                         f"({_where(e)}); fix the module") from None
     for part in attribute.split("."):
         if not hasattr(target, part):
             raise UsageError(f"MODEL {spec}: {module_name} has no attribute {attribute!r}")
@@ -330,7 +386,11 @@ def _from_factory(spec: str) -> LoadedModel:
     if not callable(target):
         raise UsageError(f"MODEL {spec}: {attribute} is a {type(target).__name__}, not a "
                          "callable returning (model, example_inputs)")
-    made = target()
+    try:
+        made = target()
+    except Exception as e:
+        raise UsageError(f"MODEL {spec}: the factory raised {_where(e)}; fix it so that it "
+                         "returns (model, example_inputs)") from None
     if not (isinstance(made, tuple) and len(made) == 2 and isinstance(made[0], nn.Module)):
         raise UsageError(f"MODEL {spec}: the factory returned {_kind(made)}; it must return "
                          "a pair (model, example_inputs), model an nn.Module")
@@ -349,6 +409,14 @@ def _from_factory(spec: str) -> LoadedModel:
     params = sum(p.numel() for p in model.parameters())
     description = f"{type(model).__name__} from {spec} ({params / 1e6:.1f}M parameters)"
     return LoadedModel(model, args, kwargs, args, kwargs, description)
+
+
+def _where(error: BaseException) -> str:
+    """`Type: message` (`describe`) and the file and line that raised it."""
+    frames = traceback.extract_tb(error.__traceback__)
+    if isinstance(error, SyntaxError) and error.filename:
+        return f"{describe(error)} at {error.filename}:{error.lineno}"
+    return describe(error) + (f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else "")
 
 
 def _kind(value: Any) -> str:

@@ -7,31 +7,42 @@ from __future__ import annotations
 import argparse
 import copy
 import shutil
+from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
 from rich.markup import escape
 from rich.progress import Progress
 from rich.text import Text
 
 from attnopt.commands import UsageError, models, show, steps
 from attnopt.commands.outputs import check_target, publish, staged
+from attnopt.commands.terminal import console as make_console
 from attnopt.quantization import quantize_model, save_quantized
-from attnopt.quantization.checkpoint import CONFIG
 
-# What a transformers directory needs besides its weights to be rebuilt (config, tokenizer);
-# copied into OUT so that `from_config` + `load_quantized` work from OUT alone.
-SIDECARS = ("*.json", "*.txt", "*.model", "*.tiktoken")
+# MODEL's own copies of the float weights the int4 checkpoint replaces: everything else in the
+# directory (config, tokenizer, a sentence-transformers model's modules.json and the folders it
+# names, README) is copied into OUT, so that OUT is used where MODEL was. Top level only: a
+# sentence-transformers `2_Dense/model.safetensors` is a module of its own, kept.
+FLOAT_WEIGHTS = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin",
+                 "pytorch_model*.bin.index.json", "*.pt", "*.pth", "*.ckpt", "*.h5",
+                 "*.msgpack", "*.gguf", "*.onnx", "*.onnx.data", "*.onnx_data",
+                 "onnx", "openvino")  # the last two: folders of the float model exported
+# Not the model's: its git history and the hub's download cache.
+NOT_THE_MODEL = (".git", ".cache")
 # The quantized model as ONNX takes the passes that keep its int4 layers as they are: fusing
 # sibling int4 linears, attention, softmax; never compile-time RTN of what quantize_model left.
 ONNX_PASSES = ("attention", "softmax", "linear_fusion")
 
 
 def run(args: argparse.Namespace) -> int:
-    console = Console()
+    console = make_console()
     out = Path(args.output)
-    check_target(out, args.force, what="-o directory")
+    check_target(out, args.force, what="-o directory", kind="directory")
+    if Path(args.model).exists() and out.resolve() in (Path(args.model).resolve(),
+                                                       *Path(args.model).resolve().parents):
+        raise UsageError(f"-o {out} would replace MODEL {args.model} (or a directory holding "
+                         "it) with its quantized copy; choose another -o directory")
     if args.verify and not args.onnx:
         raise UsageError("--verify runs the exported model in ONNX Runtime: add --onnx")
     if args.calib is not None and args.method == "rtn":
@@ -68,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
         target = tmp / out.name
         save_quantized(loaded.model, target, summary)
         if loaded.directory is not None:
-            _copy_sidecars(loaded.directory, target)
+            _copy_model_files(loaded.directory, target)
         if args.onnx:
             rewritten = steps.rewrite(loaded, opts)
             show.passes(console, rewritten.report)
@@ -87,8 +98,15 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _copy_sidecars(source: Path, target: Path) -> None:
-    for pattern in SIDECARS:
-        for path in source.glob(pattern):
-            if path.is_file() and path.name != CONFIG and not path.name.endswith(".index.json"):
-                shutil.copy2(path, target / path.name)
+def _copy_model_files(source: Path, target: Path) -> None:
+    """Every file and folder of `source` but its float weights, `NOT_THE_MODEL` and what the
+    checkpoint already wrote (model.safetensors, quantization_config.json)."""
+    for path in sorted(source.iterdir()):
+        name = path.name
+        if (name in NOT_THE_MODEL or (target / name).exists()
+                or any(fnmatch(name, pattern) for pattern in FLOAT_WEIGHTS)):
+            continue
+        if path.is_dir():
+            shutil.copytree(path, target / name, symlinks=False)
+        else:
+            shutil.copy2(path, target / name)

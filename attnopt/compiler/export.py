@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from attnopt.compiler.offline import Rewritten, rewrite_model
+from attnopt.compiler.offline import Rewritten, quiet_exporters, rewrite_model
 from attnopt.compiler.options import Options
 
 
@@ -49,13 +49,13 @@ def save_onnx(rewritten: Rewritten, path: str | os.PathLike) -> Path:
     if missing:
         raise ValueError(f"{', '.join(missing)} has no ONNX translation yet; leave out the pass "
                          "that makes it (option passes, or --passes on the command line)")
-    with torch.no_grad():
+    with torch.no_grad(), quiet_exporters():
         program = torch.export.export(rewritten.module, rewritten.args, rewritten.kwargs,
                                       dynamic_shapes=rewritten.shapes, strict=False)
         onnx_program = torch.onnx.export(
             program, dynamo=True, custom_translation_table=TRANSLATIONS, opset_version=OPSET,
             input_names=rewritten.input_names, output_names=rewritten.output_names,
             optimize=False, verbose=False)
-    optimize(onnx_program.model)
-    onnx_program.save(Path(path))
+        optimize(onnx_program.model)
+        onnx_program.save(Path(path))
     return Path(path)

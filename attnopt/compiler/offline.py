@@ -19,8 +19,16 @@ the exported program is brought to that form first:
   fixes, and as extra readers of intermediates they would stop patterns from matching.
 
 Every tensor dim is exported as `Dim.AUTO`: dynamic where the model allows it (batch, sequence
-length), static where it does not. A size of 1 in an example input is specialised by
-torch.export, so give examples with at least two rows and two tokens.
+length), static where it does not. torch.export specialises a size of 1, and models branch on it
+(transformers' masks do on a batch of one), so an example whose tensors all have a batch of one
+is exported as two copies of its row: rows are independent in inference, so the graph is the
+one a batch of one would give, with the batch dim dynamic. Other dims of size 1 stay static:
+give at least two tokens.
+
+A transformers model returns its KV cache (a DynamicCache, which torch.export cannot output)
+unless `use_cache=False`; when the forward takes `use_cache` and the inputs do not set it, the
+model's configs say False while it is exported, so the rewritten graph is called with the same
+inputs as the example, without `use_cache`.
 
 `with_past=True` exports a transformers causal LM's decoding step instead, its KV cache as
 inputs and outputs (`compiler/past.py`); the example inputs are then a prompt, whose K/V become
@@ -29,8 +37,12 @@ the example past.
 
 from __future__ import annotations
 
+import inspect
+import logging
 import operator
-from collections.abc import Mapping
+import warnings
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,7 +68,7 @@ class Rewritten:
 
     module: fx.GraphModule  # called like the model: same positional and keyword inputs
     report: CompileReport
-    args: tuple  # the example inputs it was exported with
+    args: tuple  # the example inputs it was exported with (a batch of one as two rows)
     kwargs: dict[str, Any]
     shapes: ShapesCollection = field(repr=False)  # the dynamic dims of those inputs
     output_names: list[str] = field(default_factory=list)  # one per output tensor, in order
@@ -83,16 +95,16 @@ def rewrite_model(
     `with_past`: `model` is a transformers causal LM and the inputs a prompt; what is exported
     is the decoding step after it, the KV cache as tensors (`compiler/past.py`)."""
     opts = Options.parse(options)
-    kwargs = dict(kwargs or {})
+    args, kwargs = batch_of_two(tuple(args), dict(kwargs or {}))
     step = input_names = None
     if with_past:
         step = DecoderWithPast(model)
-        model, args, kwargs = step, (), step.inputs_after(args, kwargs)
+        traced, args, kwargs = step, (), step.inputs_after(args, kwargs)
         input_names, shapes = step.input_names(kwargs), step.dynamic_dims(kwargs)
     else:
-        shapes = dynamic_dims(args, kwargs)
-    with torch.no_grad():
-        program = torch.export.export(model, tuple(args), kwargs, dynamic_shapes=shapes,
+        traced, shapes = model, dynamic_dims(args, kwargs)
+    with torch.no_grad(), quiet_exporters(), _without_kv_cache(traced, args, kwargs):
+        program = torch.export.export(traced, args, kwargs, dynamic_shapes=shapes,
                                       strict=False)
         program = program.run_decompositions(composite_decompositions())
     gm = program.module()
@@ -110,8 +122,63 @@ def rewrite_model(
     _drop_unread_constants(gm)
     if opts.report_dir:
         report.write(opts.report_dir)
-    return Rewritten(gm, report, tuple(args), kwargs, shapes,
+    return Rewritten(gm, report, args, kwargs, shapes,
                      output_names(program.call_spec.out_spec), input_names, step)
+
+
+def batch_of_two(args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+    """The example inputs with a batch of one given as two copies of its row (see the module
+    doc); unchanged unless every tensor input has a leading dim of size 1."""
+    tensors = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+    if not tensors or any(t.dim() == 0 or t.shape[0] != 1 for t in tensors):
+        return args, kwargs
+
+    def twice(x: Any) -> Any:
+        return x.expand(2, *x.shape[1:]).contiguous() if isinstance(x, torch.Tensor) else x
+
+    return pytree.tree_map(twice, args), pytree.tree_map(twice, kwargs)
+
+
+@contextmanager
+def _without_kv_cache(model: torch.nn.Module, args: tuple,
+                      kwargs: Mapping[str, Any]) -> Iterator[None]:
+    """`use_cache=False` in every config of `model` for the duration, if its forward takes
+    `use_cache` and the inputs leave it unset (transformers fills an unset use_cache from the
+    config; see the module doc). Otherwise nothing changes."""
+    try:
+        signature = inspect.signature(model.forward)
+        given = signature.bind_partial(*args, **kwargs).arguments
+    except (TypeError, ValueError):  # a forward without a signature, or inputs it rejects
+        given, signature = {}, None
+    configs = {}
+    if signature is not None and "use_cache" in signature.parameters and "use_cache" not in given:
+        configs = {id(m.config): m.config for m in model.modules()
+                   if getattr(getattr(m, "config", None), "use_cache", None) is not None}
+    saved = {key: config.use_cache for key, config in configs.items()}
+    for config in configs.values():
+        config.use_cache = False
+    try:
+        yield
+    finally:
+        for key, config in configs.items():
+            config.use_cache = saved[key]
+
+
+@contextmanager
+def quiet_exporters() -> Iterator[None]:
+    """Silence, for the duration, what the exporters print that is not the user's concern:
+    torch.onnx's op registry warns once per torchvision op that torchvision is not installed,
+    and torch's own pytree code raises a FutureWarning about its deprecated LeafSpec."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*treespec, LeafSpec",
+                                    category=FutureWarning)
+            yield
+    finally:
+        logger.setLevel(level)
 
 
 def dynamic_dims(args: tuple, kwargs: Mapping[str, Any]) -> ShapesCollection:
