@@ -1,0 +1,2 @@
+"""Dense-routed experts (placeholder)."""
+RULES: list = []
