@@ -13,6 +13,7 @@ The forms, one module each:
   OLMoE, GPT-OSS with its biases, interleaved gate/up and clamped SwiGLU);
 - `moe_loop`: loops over the experts with data-dependent token sets (the classic ModuleList
   loop, transformers' `eager` experts, GPT-OSS's and DBRX's own loops);
+- `moe_sorted`: pairs sorted by expert and split into runs by data-dependent sizes (JetMoE);
 - `moe_dense`: every expert computed on every token, weighted by scores that are provably zero
   outside the top-k (Llama-4's bmm experts, an all-experts einsum);
 - `moe_audit`: after the rewrites, every router top-k and expert-like structure left in the
@@ -27,13 +28,14 @@ import torch.fx as fx
 from attnopt.backends import ops  # noqa: F401  (registers torch.ops.attnopt.*)
 from attnopt.compiler.options import Options
 from attnopt.compiler.rewrite import PatternPass
-from attnopt.passes import moe_audit, moe_dense, moe_loop, moe_transformers
+from attnopt.passes import moe_audit, moe_dense, moe_loop, moe_sorted, moe_transformers
 
 aten = torch.ops.aten
 
 
 class MoePass:
-    """The pattern forms (a rule table), then the expert loops, then the audit."""
+    """The pattern forms (a rule table), then the expert loops and sorted runs (anchored at their
+    last index_add), then the audit."""
 
     name = counts_as = "moe"
     needs_frozen_weights = True
@@ -62,6 +64,11 @@ class MoePass:
                     ctx.reject(node, steps)
                 elif steps:
                     moe_loop.rewrite_loop(gm, node, steps, ctx)
+                    rewrites += 1
+                elif isinstance(found := moe_sorted.match(node), str):
+                    ctx.reject(node, found)
+                elif found:
+                    moe_sorted.rewrite(gm, node, *found, ctx)
                     rewrites += 1
         if rewrites:
             gm.graph.eliminate_dead_code()

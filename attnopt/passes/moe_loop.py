@@ -188,10 +188,7 @@ def expert_weights(steps: list[Expert]) -> dict[str, torch.Tensor | None]:
     matches = [s.match for s in ordered]
     with unset_fake_temporarily():
         def matrices(name: str) -> torch.Tensor:  # [E, N, K]
-            view = _stacked_view(matches, name)
-            if view is not None:
-                return view
-            return torch.stack([constant_value(m[name]).T for m in matches])
+            return stacked([m[name] for m in matches])
 
         def biases(name: str) -> torch.Tensor | None:
             if f"{name}_bias" not in matches[0].captures:
@@ -210,12 +207,11 @@ def expert_weights(steps: list[Expert]) -> dict[str, torch.Tensor | None]:
                 "b_down": biases("w_down")}
 
 
-def _stacked_view(matches: list[Match], name: str) -> torch.Tensor | None:
-    """[E, N, K] as a view when step e's W ([K, N] in `mm(a, W)`) is `base[e]` or `base[e]ᵀ` of
-    one node `base` computed from frozen weights: no copy of the model's stacked experts."""
+def stacked_view(nodes: list[fx.Node]) -> torch.Tensor | None:
+    """[E, N, K] as a view when expert e's W ([K, N] in `mm(a, W)`) is `base[e]` or `base[e]ᵀ`
+    of one node `base` computed from frozen weights: no copy of the model's stacked experts."""
     bases, transposed = set(), set()
-    for e, m in enumerate(matches):
-        node = m[name]
+    for e, node in enumerate(nodes):
         flipped = node.target in _TRANSPOSES and _swaps_last_two(node)
         if flipped:
             node = node.args[0]
@@ -228,8 +224,16 @@ def _stacked_view(matches: list[Match], name: str) -> torch.Tensor | None:
     base = constant_value(bases.pop())
     if base is None or base.dim() != 3:
         return None
-    base = base[:len(matches)]
+    base = base[:len(nodes)]
     return base if transposed.pop() else base.transpose(1, 2)
+
+
+def stacked(nodes: list[fx.Node]) -> torch.Tensor:
+    """[E, N, K] from each expert's W ([K, N] in `mm(a, W)`): a view where `stacked_view`
+    finds one, else the matrices evaluated and stacked (a copy, made once)."""
+    with unset_fake_temporarily():
+        view = stacked_view(nodes)
+        return view if view is not None else torch.stack([constant_value(n).T for n in nodes])
 
 
 def _swaps_last_two(node: fx.Node) -> bool:
@@ -266,11 +270,15 @@ def _parameter(node: fx.Node) -> str | None:
 
 
 def experts_name(matches: list[Match]) -> str | None:
+    return experts_name_of([m[k] for m in matches for k in m.captures
+                            if k.startswith("w_") and isinstance(m[k], fx.Node)])
+
+
+def experts_name_of(weights: list[fx.Node]) -> str | None:
     """The module holding the experts (`model.layers.0.mlp.experts`): the dotted prefix common to
     the parameter names of every expert weight (`...experts.0.w1.weight`, or the one stacked
     `...experts.gate_up_proj`, whose module is its parent)."""
-    names = {_parameter(m[k]) for m in matches for k in m.captures
-             if k.startswith("w_") and isinstance(m[k], fx.Node)}
+    names = {_parameter(w) for w in weights}
     if None in names or not names:
         return None
     parts = [n.split(".") for n in names]
@@ -289,15 +297,18 @@ def experts_name(matches: list[Match]) -> str | None:
 _ASSERTION_ONLY = {aten._assert_scalar.default, aten.sym_constrain_range_for_size.default,
                    aten.sym_constrain_range.default, aten.sym_size.int, aten.unbind.int,
                    operator.getitem, operator.ge, operator.le, operator.gt, operator.lt,
-                   operator.eq, operator.and_}
+                   operator.eq, operator.and_, torch.sym_sum, aten._local_scalar_dense.default,
+                   aten.select.int}
 
 
 def drop_dead_nonzeros(graph: fx.Graph) -> None:
-    """Erase each `nonzero` whose results only feed assertions on their own size (what is left
-    of a rewritten loop's `where`s: dead code that dead-code elimination keeps, since asserts
-    are side effects), with those assertions. They constrain nothing else."""
+    """Erase each `nonzero` (and `.item()` of a count) whose results only feed assertions on
+    their own values (what is left of a rewritten loop's `where`s or of a split's sizes: dead
+    code that dead-code elimination keeps, since asserts are side effects), with those
+    assertions. They constrain nothing else."""
     for node in list(graph.nodes):
-        if node.target is not aten.nonzero.default:
+        if node.target not in (aten.nonzero.default, aten._local_scalar_dense.default) or \
+                getattr(node, "_erased", False):
             continue
         users, stack = set(), list(node.users)
         while stack:
