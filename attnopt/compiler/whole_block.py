@@ -16,6 +16,8 @@ things are needed while Dynamo traces:
    `index_add_`, and the hit experts come in the same increasing order, so the result is
    bit-identical (`tests/compiler/test_whole_block.py` checks it per class). Only the classes
    in ALL_EXPERTS_CLASSES, checked that way, are read so; others keep their own forward.
+   DBRX loops over the hit experts in a forward of its own: `DbrxExperts.forward` is swapped
+   for the same kind of all-experts loop while attnopt traces (checked the same way).
 
 The mechanism is Dynamo's `backend_ctx_ctor`: a backend callable may carry a context
 constructor that Dynamo enters around every call of the code it compiles (tracing included), so
@@ -62,7 +64,7 @@ def whole_block_capture() -> Iterator[None]:
         if depth:
             yield
             return
-        with _dynamo_capture(), _eager_experts_read_whole():
+        with _dynamo_capture(), _eager_experts_read_whole(), _dbrx_experts_read_whole():
             yield
     finally:
         _depth.value = depth
@@ -98,6 +100,46 @@ def _eager_experts_read_whole() -> Iterator[None]:
         yield
     finally:
         del interface["eager"]
+
+
+@contextlib.contextmanager
+def _dbrx_experts_read_whole() -> Iterator[None]:
+    """DBRX's experts loop over the experts that were hit in a forward of their own (not
+    through transformers' experts interface): while attnopt traces, `DbrxExperts.forward` is
+    `dbrx_all_experts_forward`, restored after."""
+    module = sys.modules.get("transformers.models.dbrx.modeling_dbrx")
+    cls = getattr(module, "DbrxExperts", None)
+    if cls is None or "forward" not in cls.__dict__:
+        yield
+        return
+    original = cls.__dict__["forward"]
+    cls.forward = dbrx_all_experts_forward
+    try:
+        yield
+    finally:
+        cls.forward = original
+
+
+def dbrx_all_experts_forward(self: torch.nn.Module, hidden_states: Tensor, top_k_index: Tensor,
+                             top_k_weights: Tensor) -> Tensor:
+    """DBRX's experts over all E experts in order: its w1 (gate), v1 (up) and w2 (down, stored
+    [I, H]) are [E·I, H] parameters read per expert as views [E, I, H][e], its expert MLP
+    module (`self.mlp`) applies them, and each weighted output is added with `index_add_`, as
+    its eager forward does for the experts that were hit."""
+    batch = hidden_states.shape[0]
+    rows = hidden_states.reshape(-1, self.hidden_size)
+    out = torch.zeros_like(rows)
+    with torch.no_grad():
+        mask = torch.nn.functional.one_hot(top_k_index, num_classes=self.num_experts + 1)
+        mask = mask.permute(2, 1, 0)
+    per_expert = (-1, self.ffn_hidden_size, self.hidden_size)
+    for e in range(self.num_experts):
+        with torch.no_grad():
+            slot, token = torch.where(mask[e])
+        w1, v1, w2 = (w.view(per_expert)[e] for w in (self.mlp.w1, self.mlp.v1, self.mlp.w2))
+        y = self.mlp(rows[token], w1, v1, w2).view(-1, self.hidden_size)
+        out.index_add_(0, token, y * top_k_weights[token, slot, None])
+    return out.view(batch, -1, self.hidden_size)
 
 
 def eager_experts(self: torch.nn.Module, *args, **kwargs) -> Tensor:

@@ -2,9 +2,9 @@
 expert-like structure still in the graph gets one line in the pass's `rejected` (the node and
 why), and a graph whose edge cuts through an MoE block gets a note saying so.
 
-- A router is a top-k over at most MAX_EXPERTS scores computed by a linear layer of frozen
-  weights (through softmax, sigmoid, casts). It was rewritten if its ids reach an
-  `attnopt::moe`.
+- A router is a top-k (or an argmax: top-1, Switch Transformers) over at most MAX_EXPERTS
+  scores computed by a linear layer of frozen weights (through softmax, sigmoid, casts). It was
+  rewritten if its ids reach an `attnopt::moe`.
 - Expert-like structures: a grouped GEMM (`aten._grouped_mm`, transformers' fallback), a GEMM
   on expert weights gathered or picked by id (`W[ids]`, `W[e]` of a stacked frozen [E, N, K]),
   a batched GEMM on a stacked frozen weight (every expert densely), an `index_add` of rows
@@ -25,6 +25,7 @@ from collections import defaultdict
 
 import torch
 import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from attnopt.backends import ops  # noqa: F401  (registers torch.ops.attnopt.*)
 from attnopt.compiler.graph import fake_value
@@ -55,31 +56,34 @@ def audit(gm: fx.GraphModule, ctx) -> None:
     moe_inputs = {a for n in graph.nodes if _is_moe(n) for a in n.all_input_nodes}
     for router in [n for n in graph.nodes if is_router(n)]:
         ids = _ids_of(router)
-        if router in explained or (ids is not None and _reaches(ids, moe_inputs)):
-            explained.add(router)
+        if ids is not None and _reaches(ids, moe_inputs):
             continue
-        downstream = _downstream(router)
-        leaves = _output_users(router, downstream)
+        leaves = _output_users(router)
         if leaves:
             ctx.note(f"graph ends inside an MoE block: the router's top-k {router.name} "
                      f"leaves the graph ({', '.join(leaves)}); its experts run after a graph "
                      "break, in another graph or in Python")
-        ctx.reject(router, _router_reason(router, downstream, bool(leaves)))
-        explained.add(router)
+        if router not in explained:
+            ctx.reject(router, _router_reason(_downstream(router), bool(leaves)))
+            explained.add(router)
+    # Expert computations that a refusal explains without sharing its routing (dense experts
+    # meet their scores only downstream): the refused candidate's own nodes, above it.
+    explained_nodes = {a for n in refused for a in _upstream(n) if expert_kind(a)}
     blocks: dict[fx.Node | None, list[fx.Node]] = defaultdict(list)
     kinds: dict[fx.Node, str] = {}
     for node in graph.nodes:
-        if node not in refused and (kind := expert_kind(node)):
-            source = _routing_source(node)
-            if source not in explained:
-                blocks[source].append(node)
-                kinds[node] = kind
+        if kind := expert_kind(node):
+            blocks[_routing_source(node)].append(node)
+            kinds[node] = kind
     for source, nodes in blocks.items():
         last, what = nodes[-1], ", ".join(sorted({kinds[n] for n in nodes}))
         if source is not None and source.op == "placeholder":
             ctx.note(f"graph starts inside an MoE block: {last.name} ({what}) reads routing "
                      f"that arrives as graph input {source.name}; the router ran before a "
                      "graph break")
+        if source in explained or all(n in refused or n in explained_nodes for n in nodes):
+            continue
+        if source is not None and source.op == "placeholder":
             ctx.reject(last, f"expert computation ({what}) whose routing arrives as graph "
                        f"input {source.name} (the router is in another graph): not a whole MoE "
                        "block")
@@ -88,18 +92,34 @@ def audit(gm: fx.GraphModule, ctx) -> None:
                        "knows matched it (see README, MoE)")
 
 
+def _upstream(node: fx.Node, limit: int = 200) -> set[fx.Node]:
+    seen, stack = set(), [node]
+    while stack and len(seen) < limit:
+        n = stack.pop()
+        if n not in seen:
+            seen.add(n)
+            stack.extend(n.all_input_nodes)
+    return seen
+
+
 def _is_moe(node: fx.Node) -> bool:
     return node.op == "call_function" and getattr(node.target, "namespace", None) == "attnopt" \
         and node.target._schema.name.split("::")[-1] in ("moe", "moe_w4a16")
 
 
 def is_router(node: fx.Node) -> bool:
-    """A top-k over the last dim of at most MAX_EXPERTS scores computed by a frozen linear."""
-    if node.target is not aten.topk.default:
+    """A top-k (or an argmax, top-1) over the last dim of at most MAX_EXPERTS scores computed
+    by a frozen linear."""
+    if node.target is aten.topk.default:
+        dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", -1)
+    elif node.target is aten.argmax.default:
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        if dim is None:
+            return False
+    else:
         return False
     scores = node.args[0]
     val = fake_value(scores)
-    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", -1)
     if not isinstance(val, torch.Tensor) or dim % val.dim() != val.dim() - 1:
         return False
     e = val.shape[-1]
@@ -117,6 +137,8 @@ def is_router(node: fx.Node) -> bool:
 
 
 def _ids_of(router: fx.Node) -> fx.Node | None:
+    if router.target is aten.argmax.default:
+        return router
     return next((u for u in router.users if u.target is operator.getitem and u.args[1] == 1),
                 None)
 
@@ -142,19 +164,26 @@ def _downstream(node: fx.Node, limit: int = 400) -> set[fx.Node]:
     return seen
 
 
-def _output_users(router: fx.Node, downstream: set[fx.Node]) -> list[str]:
-    """The router's values (its scores, ids, anything computed from them without an expert)
-    that are outputs of the graph."""
-    outputs = [n for n in downstream if n.op == "output"]
-    if not outputs:
-        return []
-    returned = {a for a in outputs[0].args[0] if isinstance(a, fx.Node)} \
-        if isinstance(outputs[0].args[0], list | tuple) else set()
-    return sorted(n.name for n in downstream & returned
-                  if not any(expert_kind(m) for m in n.all_input_nodes))
+def _output_users(router: fx.Node) -> list[str]:
+    """The router's own values (its scores, ids, weights and what is computed from them alone:
+    tensors provably no bigger than the scores) that are outputs of the graph."""
+    limit = fake_value(router.args[0]).numel()
+    seen, stack, returned = set(), list(router.users), []
+    while stack:
+        n = stack.pop()
+        if n in seen or n.op == "output":
+            continue
+        seen.add(n)
+        val = fake_value(n)
+        if isinstance(val, torch.Tensor) and not statically_known_true(val.numel() <= limit):
+            continue
+        if any(u.op == "output" for u in n.users):
+            returned.append(n.name)
+        stack.extend(n.users)
+    return sorted(returned)
 
 
-def _router_reason(router: fx.Node, downstream: set[fx.Node], leaves: bool) -> str:
+def _router_reason(downstream: set[fx.Node], leaves: bool) -> str:
     kinds = sorted({k for n in downstream if (k := expert_kind(n))})
     if kinds:
         return (f"router top-k whose experts ({', '.join(kinds)}) were not rewritten: no MoE "

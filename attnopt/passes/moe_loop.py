@@ -86,7 +86,14 @@ def projection(a: Pattern, weight: str) -> Pattern:
 
 _h = gated(projection(x_token, "w_gate_up")) | gated_pair(projection(x_token, "w_gate"),
                                                           projection(x_token, "w_up"))
+def _same_shape(view: fx.Node) -> bool:
+    """A view that changes nothing (DBRX's `.view(-1, H)` of the [n, H] expert output)."""
+    a, b = fake_value(view), fake_value(view.args[0])
+    return len(a.shape) == len(b.shape) and all(map(layout.same, a.shape, b.shape))
+
+
 _y = projection(_h, "w_down")
+_y = Call(_VIEWS, _y, ANY, where=_same_shape) | _y
 _weighted = Call(aten.mul.Tensor, _y, Call(aten.index.Tensor, Call(
     aten.unsqueeze.default, topk_weights, 2), [token, slot]), commutative=True)
 loop_step = Call(aten.index_add.default, Capture("acc"), 0, token,
