@@ -118,3 +118,21 @@ def test_paged_cache_greedy_tokens_equal_eager(name, impl):
     reports = attnopt.reports()
     assert len(reports) == 2  # prefill and decode
     assert all(r.counts["moe"] == 1 and not r.pass_record("moe").rejected for r in reports)
+
+
+def test_gpt_oss_exported_to_onnx_matches_eager(tmp_path):
+    """The offline path: torch.export with dynamic batch and sequence, the moe pass, the ONNX
+    translation of GPT-OSS's experts (biases, interleaved gate/up, clamped SwiGLU), run in ONNX
+    Runtime on the export's shape and another."""
+    ort = pytest.importorskip("onnxruntime")
+    from attnopt import export_onnx
+
+    model, path = build("gpt_oss", 1, "grouped_mm"), tmp_path / "gpt_oss.onnx"
+    rewritten = export_onnx(model, path, (ids(),), {"use_cache": False})
+    assert rewritten.report.counts["moe"] == 1
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    for x in (ids(), ids(3, 4, seed=1)):
+        got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+        with torch.no_grad():
+            torch.testing.assert_close(got, model(x, use_cache=False).logits, rtol=1e-5,
+                                       atol=1e-5)
