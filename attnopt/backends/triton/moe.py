@@ -2,7 +2,12 @@
 
     out[t] = Σ_j w[t, j] · W_down[e] (act(W_gate[e] x[t]) ⊙ W_up[e] x[t]),   e = ids[t, j],
 
-with W_gate[e] = w_gate_up[e, :I] and W_up[e] = w_gate_up[e, I:]. The design is vLLM's
+with W_gate[e] = w_gate_up[e, :I] and W_up[e] = w_gate_up[e, I:] — or any `ExpertForm`: gate and
+up interleaved (rows 2n and 2n + 1), GPT-OSS's clamped SwiGLU, per-expert biases on gate/up and
+down, the routing weight on the input (Llama-4). Those are epilogue (and prologue) changes of
+the same kernels, chosen by constexpr flags: the biases are added to the fp32 accumulators,
+the gating is computed on them, the input tile is scaled by its pair's weight. The design is
+vLLM's
 fused_moe, written from the math. Number the S = T·k (token, expert) pairs p = t·k + j (so
 token t = p // k). The work of expert e is two GEMMs over the rows {p : ids.flat[p] = e}; once
 the pairs are grouped by expert, every expert's rows are one contiguous run and both
@@ -20,12 +25,12 @@ projections are grouped GEMMs over runs:
    once (a fixed grid also keeps the op capturable in a CUDA graph).
 2. Gate/up GEMM (`_gate_up_kernel`). One program per (block, BLOCK_N columns of I): it gathers
    the x rows of the block's pairs, multiplies them by the same columns of W_gate[e] and of
-   W_up[e] into two fp32 accumulators, and stores act(gate) ⊙ up, rounded once to x's dtype,
-   into h[p] ([S, I], in pair order).
+   W_up[e] into two fp32 accumulators, adds the biases, and stores gated(gate, up), rounded
+   once to x's dtype, into h[p] ([S, I], in pair order).
 3. Down GEMM (`_down_kernel`). One program per (block, BLOCK_N columns of H, K chunk): h rows
-   of the block times W_down[e]ᵀ in fp32, times the routing weight w.flat[p] in fp32, stored in
-   fp32 to part[chunk, p] ([SPLIT_K, T, k, H]). Splitting K (= I) keeps the GPU busy at decode,
-   when there are only k blocks.
+   of the block times W_down[e]ᵀ in fp32 (plus the bias, in chunk 0 only), times the routing
+   weight w.flat[p] in fp32, stored in fp32 to part[chunk, p] ([SPLIT_K, T, k, H]).
+   Splitting K (= I) keeps the GPU busy at decode, when there are only k blocks.
 4. Sum (`_sum_kernel`). out[t] = Σ_j Σ_chunk part[chunk, t, j], in fp32 and in a fixed order,
    rounded once to x's dtype. No atomics on the output: the result is deterministic (the order
    of pairs inside a block, which the atomic ranks make arbitrary, changes nothing, since rows
