@@ -52,6 +52,11 @@ ALL_EXPERTS_CLASSES = frozenset({
 })
 
 _depth = threading.local()
+# The stand-ins are process-wide (a registry entry, a class attribute): installed by the first
+# thread that enters, removed when the last one leaves.
+_users = 0
+_lock = threading.Lock()
+_undo: list = []
 
 
 @contextlib.contextmanager
@@ -64,8 +69,12 @@ def whole_block_capture() -> Iterator[None]:
         if depth:
             yield
             return
-        with _dynamo_capture(), _eager_experts_read_whole(), _dbrx_experts_read_whole():
-            yield
+        _enter_stand_ins()
+        try:
+            with _dynamo_capture():
+                yield
+        finally:
+            _leave_stand_ins()
     finally:
         _depth.value = depth
 
@@ -86,38 +95,47 @@ def _dynamo_capture() -> Iterator[None]:
             setattr(config, k, v)
 
 
-@contextlib.contextmanager
-def _eager_experts_read_whole() -> Iterator[None]:
-    """transformers' "eager" experts implementation as `eager_experts`, if transformers is in
-    use (it is never imported for this)."""
+def _enter_stand_ins() -> None:
+    global _users
+    with _lock:
+        if _users == 0:
+            _undo.extend(u for u in (_read_eager_experts_whole(), _read_dbrx_experts_whole())
+                         if u is not None)
+        _users += 1
+
+
+def _leave_stand_ins() -> None:
+    global _users
+    with _lock:
+        _users -= 1
+        if _users == 0:
+            while _undo:
+                _undo.pop()()
+
+
+def _read_eager_experts_whole():
+    """transformers' "eager" experts implementation read as `eager_experts`, if transformers is
+    in use (it is never imported for this): an entry in the experts interface's mapping of its
+    own (`ALL_EXPERTS_FUNCTIONS["eager"]`, which transformers looks up first), removed after."""
     moe = sys.modules.get("transformers.integrations.moe")
     interface = getattr(moe, "ALL_EXPERTS_FUNCTIONS", None)
     if interface is None:
-        yield
-        return
-    interface["eager"] = eager_experts  # the instance's local mapping: no global change
-    try:
-        yield
-    finally:
-        del interface["eager"]
+        return None
+    interface["eager"] = eager_experts
+    return lambda: interface._local_mapping.pop("eager", None)
 
 
-@contextlib.contextmanager
-def _dbrx_experts_read_whole() -> Iterator[None]:
+def _read_dbrx_experts_whole():
     """DBRX's experts loop over the experts that were hit in a forward of their own (not
-    through transformers' experts interface): while attnopt traces, `DbrxExperts.forward` is
-    `dbrx_all_experts_forward`, restored after."""
+    through transformers' experts interface): `DbrxExperts.forward` is
+    `dbrx_all_experts_forward` meanwhile, restored after."""
     module = sys.modules.get("transformers.models.dbrx.modeling_dbrx")
     cls = getattr(module, "DbrxExperts", None)
     if cls is None or "forward" not in cls.__dict__:
-        yield
-        return
+        return None
     original = cls.__dict__["forward"]
     cls.forward = dbrx_all_experts_forward
-    try:
-        yield
-    finally:
-        cls.forward = original
+    return lambda: setattr(cls, "forward", original)
 
 
 def dbrx_all_experts_forward(self: torch.nn.Module, hidden_states: Tensor, top_k_index: Tensor,

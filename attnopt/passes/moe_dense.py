@@ -135,22 +135,39 @@ def _contract(dims: Dims, a: layout.Layout | None, b: layout.Layout | None
 
 @dataclass
 class Plan:
-    """What the analysis found: the weights as [E, N, K] views or stacks, the token layout."""
+    """What the analysis found: the weights as [E, N, K] (views of the model's tensors, or
+    gate and up concatenated), the expert form and the top-k ids the scores were scattered
+    from."""
 
     weights: dict[str, torch.Tensor]
     form: ExpertForm
     ids: fx.Node
-    experts: int
+
+
+@dataclass
+class Analysis:
+    """The layouts of a dense candidate's values over source dims: x ("x"), the scores ("s"),
+    each weight (by its capture name), the intermediate ("h", 0)."""
+
+    dims: Dims
+    x: layout.Layout
+    scores: layout.Layout
+    weights: dict[str, layout.Layout]
+    gate: layout.Layout  # the gate (or fused gate/up) projection, as the gating reads it
+    y: layout.Layout  # the experts' outputs, as they reach the combination
+    expert_dim: Dim  # the dim the outputs are summed or contracted over
+    out: tuple  # the output's axes
+    inter: Dim = ("h", 0)
+
+    def dims_of(self, lay: layout.Layout) -> set[Dim]:
+        return {d for a in self.dims.axes(lay) for d in a}
 
 
 def dense_plan(m: Match) -> Plan | str:
     dims = Dims()
     x, scores = m["x"], m["scores"]
-    xv = fake_value(x)
-    x_lay = _source("x", x)
+    x_lay, s_lay = _source("x", x), _source("s", scores)
     dims.add(x_lay)
-    tokens, hidden = x_lay.axes[:-1], x_lay.axes[-1]
-    s_lay = _source("s", scores)
     dims.add(s_lay)
     on_input = "routed_in" in m.captures
     if on_input:
@@ -168,37 +185,34 @@ def dense_plan(m: Match) -> Plan | str:
         bmm = m["gate_up_bmm" if fused else f"{n[2:]}_bmm"]
         r = _contract(dims, _trace(bmm.args[0], a_source, a_lay),
                       _trace(m[f"{n}_view"], m[n], w_lay[n]))
-        out = m["gate_up" if fused else n[2:]]
-        projected[n] = r and _trace(out, bmm, r)
+        projected[n] = r and _trace(m["gate_up" if fused else n[2:]], bmm, r)
         if projected[n] is None:
             return f"{bmm.name}: the expert projection's operands are not [batch, rows, cols]"
-    if not fused and not dims.unify(projected["w_gate"].axes[-1], projected["w_up"].axes[-1]):
-        return "gate and up do not have the same layout"
+        split = [d for d in projected[n].axes[-1] if not layout.same(dims.sizes[d], 1)]
+        if len(split) != 1 or split[0][0] != n:
+            return (f"{bmm.name}: the gating reads a last dim that is not the projection's own "
+                    "output dim")
+    if not fused:
+        for a, b in zip(projected["w_gate"].axes, projected["w_up"].axes, strict=True):
+            if not dims.unify(a, b):
+                return "gate and up do not have the same layout"
     gate_lay = projected[names[0]]
     width = gate_lay.size(gate_lay.axes[-1])
     if problem := gating_problem(m, width if fused else None):
         return problem
     inter = ("h", 0)
-    sizes = {**gate_lay.sizes, inter: width // 2 if fused else width}
-    h_lay = layout.Layout((*gate_lay.axes[:-1], (inter,)), sizes)
-    if not fused:
-        for a, b in zip(projected["w_gate"].axes, projected["w_up"].axes, strict=True):
-            if not dims.unify(a, b):
-                return "gate and up do not have the same layout"
-    h_node = _chain_source(m["h_view"])
-    y_lay = _contract(dims, _trace(m["h_view"], h_node, h_lay),
+    h_lay = layout.Layout((*gate_lay.axes[:-1], (inter,)),
+                          {**gate_lay.sizes, inter: width // 2 if fused else width})
+    y_lay = _contract(dims, _trace(m["h_view"], _chain_source(m["h_view"]), h_lay),
                       _trace(m["w_down_view"], m["w_down"], w_lay["w_down"]))
+    y_lay = y_lay and _trace(m["y"], m["down_bmm"], y_lay)
     if y_lay is None:
         return "down_bmm: the down projection's operands are not [batch, rows, cols]"
-    y_lay = _trace(m["y"], m["down_bmm"], y_lay)
-    if y_lay is None:
-        return "the experts' output goes through a reshape the matcher cannot follow"
     out = _combine(m, dims, y_lay, s_lay, on_input)
     if isinstance(out, str):
         return out
-    expert_dim, out_axes = out
-    return _roles(m, dims, x_lay, s_lay, w_lay, names, inter, expert_dim, out_axes,
-                  tokens, hidden, xv, on_input)
+    analysis = Analysis(dims, x_lay, s_lay, w_lay, gate_lay, y_lay, *out)
+    return _roles(m, analysis, names, on_input)
 
 
 def _chain_source(node: fx.Node) -> fx.Node:
@@ -249,48 +263,50 @@ def _combine(m: Match, dims: Dims, y_lay: layout.Layout, s_lay: layout.Layout,
     return contracted[0], out.axes
 
 
-def _roles(m: Match, dims: Dims, x_lay, s_lay, w_lay, names, inter, expert_dim, out_axes,
-           tokens, hidden, xv, on_input) -> Plan | str:
-    find = dims.find
-    e_class = find(("s", len(s_lay.axes) - 1))
-    if find(expert_dim) != e_class:
+def _roles(m: Match, an: Analysis, names: tuple[str, ...], on_input: bool) -> Plan | str:
+    """Whether the unified dims come out as the MoE roles: tokens (x's leading dims, the
+    scores' rows), E (the scores' last dim), H (x's last), I (the intermediate); each weight is
+    one E, one input (K) and one output (N) dim; the gate projection holds exactly tokens, E
+    and its output; the experts' outputs exactly tokens, E and the down projection's output;
+    the result is x's tokens then H."""
+    dims, find = an.dims, an.dims.find
+    e_class = find(("s", len(an.scores.axes) - 1))
+    hidden = find(an.x.axes[-1][0])
+    tokens = tuple(find(a[0]) for a in an.x.axes[:-1] if not layout.same(an.x.sizes[a[0]], 1))
+    score_rows = tuple(find(a[0]) for a in an.scores.axes[:-1]
+                       if not layout.same(an.scores.sizes[a[0]], 1))
+    if tokens != score_rows:
+        return "the scores' rows are not x's tokens"
+    if find(an.expert_dim) != e_class:
         return "the experts are not summed over the scores' expert dim"
-    weights = {}
+    orders = {}
     for n in (*names, "w_down"):
-        lay = w_lay[n]
-        role = {}
-        for d in (a[0] for a in lay.axes):
-            c = find(d)
-            role[d[1]] = ("E" if c == e_class else "K" if c == find(
-                inter if n == "w_down" else hidden[0]) else "N")
+        k_class = find(an.inter) if n == "w_down" else hidden
+        role = {i: "E" if find(d) == e_class else "K" if find(d) == k_class else "N"
+                for i, d in enumerate(a[0] for a in an.weights[n].axes)}
         if sorted(role.values()) != ["E", "K", "N"]:
             return f"{m[n].name}: its dims are not one expert, one input and one output dim"
-        order = [next(i for i, r in role.items() if r == want) for want in ("E", "N", "K")]
-        weights[n] = order
-    x_tokens = tuple(find(a[0]) for a in tokens if not layout.same(x_lay.sizes[a[0]], 1))
-    s_tokens = tuple(find(a[0]) for a in s_lay.axes[:-1]
-                     if not layout.same(s_lay.sizes[a[0]], 1))
-    if x_tokens != s_tokens:
-        return "the scores' rows are not x's tokens"
-    want = (*(a for a in x_tokens), find(("w_down", weights["w_down"][1])))
-    got = tuple(find(d) for a in dims.axes(layout.Layout(out_axes, dims.sizes)) for d in a)
-    if got != want:
+        orders[n] = [next(i for i, r in role.items() if r == want) for want in ("E", "N", "K")]
+    h_out = find(("w_down", orders["w_down"][1]))
+    gate_out = find((names[0], orders[names[0]][1]))
+    if an.dims_of(an.gate) != {*tokens, e_class, gate_out}:
+        return "the gate/up projection is not one [tokens, experts, out] product"
+    if an.dims_of(an.y) != {*tokens, e_class, h_out}:
+        return "the experts' outputs are not one [tokens, experts, hidden] product"
+    got = tuple(d for a in dims.axes(layout.Layout(an.out, dims.sizes)) for d in a)
+    if got != (*tokens, h_out):
         return "the output is not laid out as x's tokens then the hidden dim"
-    roles = {"E": e_class, "H": find(hidden[0]), "I": find(inter)}
-    if len(set(roles.values()) | set(x_tokens)) != 3 + len(x_tokens):
+    if len({e_class, hidden, find(an.inter), h_out, gate_out, *tokens}) != 5 + len(tokens):
         return "the layout pairs dims of different roles (experts, tokens, hidden, inter)"
     ids = _top_k_ids(m["scores"])
     if isinstance(ids, str):
         return ids
     with unset_fake_temporarily():
         stacked = {n: getattr(m[n].graph.owning_module, m[n].target).permute(order)
-                   for n, order in weights.items()}
-    if "w_gate_up" not in stacked:
-        with unset_fake_temporarily():
+                   for n, order in orders.items()}
+        if "w_gate_up" not in stacked:
             stacked["w_gate_up"] = torch.cat([stacked.pop("w_gate"), stacked.pop("w_up")], 1)
-    e = stacked["w_down"].shape[0]
-    form = form_of(m)._replace(weight_on_input=on_input)
-    return Plan(stacked, form, ids, e)
+    return Plan(stacked, form_of(m)._replace(weight_on_input=on_input), ids)
 
 
 # --- the zeros outside the top-k ----------------------------------------------------------------
