@@ -86,6 +86,8 @@ def projection(a: Pattern, weight: str) -> Pattern:
 
 _h = gated(projection(x_token, "w_gate_up")) | gated_pair(projection(x_token, "w_gate"),
                                                           projection(x_token, "w_up"))
+
+
 def _same_shape(view: fx.Node) -> bool:
     """A view that changes nothing (DBRX's `.view(-1, H)` of the [n, H] expert output)."""
     a, b = fake_value(view), fake_value(view.args[0])
@@ -133,9 +135,8 @@ def loop_steps(last: fx.Node) -> list[Expert] | str | None:
         m = next(Matcher().match(loop_step, node), None)
         if m is None:
             return None if not steps else (
-                f"{node.name}: this index_add of the expert loop is not an expert step (a "
-                "gated MLP of frozen weights on the gathered tokens, weighted by their routing "
-                "weight)")
+                f"the loop's step at {node.name} is not an expert step (a gated MLP of frozen "
+                "weights on the gathered tokens, weighted by their routing weight)")
         steps.append(Expert(m["expert"], m))
         node = m["acc"]
     steps.reverse()
@@ -182,9 +183,17 @@ def steps_problem(steps: list[Expert]) -> str | None:
         forms.add(form_of(m))
     if len(forms) != 1:
         return f"the experts use different gatings: {sorted(f.activation for f in forms)}"
-    keys = lambda m: sorted(k for k in m.captures if k.startswith("w_"))
-    if any(keys(s.match) != keys(first) for s in steps):
+    def parts(m: Match) -> list[str]:  # the projections and biases an expert has
+        return sorted(k for k in m.captures if k.startswith("w_"))
+
+    if any(parts(s.match) != parts(first) for s in steps):
         return "the experts differ in which projections and biases they have"
+    for s in steps:
+        for name in (k for k in s.match.captures if k.endswith("_bias")):
+            bias, weight = fake_value(s.match[name]), fake_value(s.match[name[:-5]])
+            if bias.numel() != weight.shape[-1]:
+                return (f"expert {s.index}: {s.match[name].name} {list(bias.shape)} is not one "
+                        f"bias per output of its [{weight.shape[-1]}] projection")
     return None
 
 
