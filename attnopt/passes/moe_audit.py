@@ -3,8 +3,9 @@ expert-like structure still in the graph gets one line in the pass's `rejected` 
 why), and a graph whose edge cuts through an MoE block gets a note saying so.
 
 - A router is a top-k (or an argmax: top-1, Switch Transformers) over at most MAX_EXPERTS
-  scores computed by a linear layer of frozen weights (through softmax, sigmoid, casts). It was
-  rewritten if its ids reach an `attnopt::moe`.
+  scores computed by a linear layer of frozen weights (through softmax, sigmoid, casts), whose
+  results the graph works on (not only returns them: a classifier's top-5). It was rewritten if
+  its ids reach an `attnopt::moe`.
 - Expert-like structures: a grouped GEMM (`aten._grouped_mm`, transformers' fallback), a GEMM
   on expert weights gathered or picked by id (`W[ids]`, `W[e]` of a stacked frozen [E, N, K]),
   a batched GEMM on a stacked frozen weight (every expert densely), an `index_add` of rows
@@ -54,7 +55,7 @@ def audit(gm: fx.GraphModule, ctx) -> None:
     explained = {source for n in refused
                  if (source := _routing_source(n)) is not None or expert_kind(n)}
     moe_inputs = {a for n in graph.nodes if _is_moe(n) for a in n.all_input_nodes}
-    for router in [n for n in graph.nodes if is_router(n)]:
+    for router in [n for n in graph.nodes if is_router(n) and _routes(n)]:
         ids = _ids_of(router)
         if ids is not None and _reaches(ids, moe_inputs):
             continue
@@ -133,6 +134,23 @@ def is_router(node: fx.Node) -> bool:
         if scores.target not in _SCORE_OPS:
             return False
         scores = scores.args[0]
+    return False
+
+
+def _routes(router: fx.Node) -> bool:
+    """Whether the top-k's results are worked on in the graph (normalised, one-hot encoded,
+    scattered, used as indices) rather than only returned: a classifier returning its top-5
+    labels is not a router."""
+    stack, seen = list(router.users), set()
+    while stack:
+        n = stack.pop()
+        if n in seen or n.op == "output":
+            continue
+        seen.add(n)
+        if n.target is operator.getitem or n.target in _THROUGH:
+            stack.extend(n.users)
+        else:
+            return True
     return False
 
 

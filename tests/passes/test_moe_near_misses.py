@@ -108,3 +108,19 @@ def test_graph_break_between_router_and_a_partial_loop():
     assert note.startswith("graph starts inside an MoE block") and "graph input" in note
     (line,) = second.pass_record("moe").rejected
     assert "the loop covers experts 0..2 of a one-hot over 4 classes" in line
+
+
+def test_a_classifier_top_k_is_not_a_router():
+    """A top-k over a linear's scores that the graph only returns (top-5 labels) is no MoE
+    router: nothing is said about it."""
+
+    class Classifier(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = torch.nn.Linear(32, 10)
+
+        def forward(self, x):
+            return self.head(x).topk(5, dim=-1)
+
+    (report,) = compile_and_compare(Classifier(), x_in())
+    assert not report.pass_record("moe").rejected and not report.pass_record("moe").notes
