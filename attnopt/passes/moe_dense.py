@@ -404,7 +404,10 @@ def rewrite(m: Match, graph: fx.Graph, ctx) -> fx.Node:
     ids2 = insert_call(graph, aten.reshape.default, (ids, [-1, k]))
     picked = insert_call(graph, aten.gather.default, (scores, -1, ids))
     w2 = insert_call(graph, aten.reshape.default, (picked, [-1, k]))
-    consts = {n: as_constant(gm, t, f"{m.anchor.name}_moe_{n[2:]}", None)
+    # Named after the model's parameters (what `skip` globs and the report name them by).
+    source = {"w_gate_up": m.get("w_gate_up", m.get("w_gate")), "w_down": m["w_down"]}
+    consts = {n: as_constant(gm, t, f"{m.anchor.name}_moe_{n[2:]}",
+                             source[n].meta.get("attnopt_parameter"))
               for n, t in plan.weights.items()}
     out = emit_moe(gm, ctx, x2, ids2, w2, consts["w_gate_up"], consts["w_down"], plan.form)
     out = cast_like(graph, out, m.anchor)
