@@ -411,7 +411,8 @@ def rewrite(m: Match, graph: fx.Graph, ctx) -> fx.Node:
               for n, t in plan.weights.items()}
     out = emit_moe(gm, ctx, x2, ids2, w2, consts["w_gate_up"], consts["w_down"], plan.form)
     out = cast_like(graph, out, m.anchor)
-    shape = [_size(graph, m.anchor, d) for d in range(fake_value(m.anchor).dim())]
+    # The output is laid out as x (its tokens, then H; checked): x's sizes, symbolic or not.
+    shape = [_size(graph, x, d) for d in range(fake_value(x).dim())]
     return insert_call(graph, aten.reshape.default, (out, shape))
 
 

@@ -23,9 +23,10 @@ import torch.fx as fx
 from attnopt.backends.reference import ExpertForm
 from attnopt.compiler import layout
 from attnopt.compiler.graph import fake_value
-from attnopt.compiler.pattern import Call, Capture, Literal, Match, Pattern, is_number
+from attnopt.compiler.pattern import ANY, Call, Capture, Literal, Match, Pattern, is_number
 
 aten = torch.ops.aten
+prims = torch.ops.prims
 _VIEWS = (aten.view.default, aten._unsafe_view.default, aten.reshape.default)
 _TO_THE_END = 2**63 - 1  # what `t[..., ::2]` puts as a slice's end
 
@@ -38,11 +39,14 @@ def _act(gate: Pattern) -> Pattern:
 def _activations(gate: Pattern, up: Pattern) -> Pattern:
     """act(gate) ⊙ up, or GPT-OSS's clamped SwiGLU, for given gate and up patterns."""
     plain = Call(aten.mul.Tensor, _act(gate), up, commutative=True)
-    g = Call(aten.clamp.default, gate, None, Literal("limit"))
-    u = Call(aten.clamp.default, up, Literal("up_min"), Literal("up_max"))
+    # Constants, or tensors where torch.compile(dynamic=True) made Python floats inputs (refused
+    # by `gating_problem` with that reason: the op takes them as constants).
+    alpha = Literal("alpha", where=is_number) | Call(
+        (prims.convert_element_type.default, aten._to_copy.default), Capture("alpha"), ANY)
+    g = Call(aten.clamp.default, gate, None, Capture("limit"))
+    u = Call(aten.clamp.default, up, Capture("up_min"), Capture("up_max"))
     glu = Call(aten.mul.Tensor, g, Call(aten.sigmoid.default, Call(
-        aten.mul.Tensor, g, Literal("alpha", where=is_number), commutative=True)),
-        commutative=True)
+        aten.mul.Tensor, g, alpha, commutative=True)), commutative=True)
     oai = Call(aten.mul.Tensor, Call(aten.add.Tensor, u, 1), glu, commutative=True,
                name="swiglu_oai")
     return plain | oai
@@ -84,6 +88,10 @@ def gating_problem(m: Match, gate_up_width: object | None) -> str | None:
     is the fused projection's last dim (None for two projections)."""
     if "swiglu_oai" in m.captures:
         limit, lo, hi = m["limit"], m["up_min"], m["up_max"]
+        if any(isinstance(v, fx.Node) for v in (m["alpha"], limit, lo, hi)):
+            return ("the clamped SwiGLU's alpha or limit is a tensor input (torch.compile's "
+                    "dynamic=True makes Python floats inputs); the op takes them as constants: "
+                    "compile without dynamic=True (automatic dynamic shapes keep them constant)")
         if not is_number(limit) or not limit > 0 or lo != -limit or hi != limit:
             return (f"clamped SwiGLU with gate clamp max={limit} and up clamp "
                     f"[{lo}, {hi}]: not one positive limit L with up in [-L, L]")

@@ -5,6 +5,7 @@ through an MoE block is named in the notes."""
 import pytest
 import torch
 
+import attnopt
 from attnopt.testing import assert_matches_eager
 from tests.moe_models import VOCAB, ClassicMoE, EinsumMoE, build
 
@@ -124,3 +125,17 @@ def test_a_classifier_top_k_is_not_a_router():
 
     (report,) = compile_and_compare(Classifier(), x_in())
     assert not report.pass_record("moe").rejected and not report.pass_record("moe").notes
+
+
+def test_gpt_oss_alpha_as_a_tensor_input_is_refused():
+    """torch.compile(dynamic=True) turns GPT-OSS's alpha (a Python float) into a tensor input:
+    the op takes it as a constant, so the block is refused with that reason."""
+    pytest.importorskip("transformers")
+    model = build("gpt_oss", 1, "grouped_mm")
+    compiled = torch.compile(model, backend="attnopt", dynamic=True, options={"inner": "eager"})
+    x = torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x).logits, model(x).logits, rtol=1e-5, atol=1e-5)
+    (report,) = attnopt.reports()
+    (line,) = report.pass_record("moe").rejected
+    assert "alpha or limit is a tensor input" in line and report.counts["moe"] == 0
