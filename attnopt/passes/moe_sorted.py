@@ -36,8 +36,15 @@ perm = Call(operator.getitem, Call(aten.sort.default, Call(_VIEWS, topk_ids, ANY
             | Call(aten.sort.default, Call(_VIEWS, topk_ids, ANY)), 1)
 token = (Call(aten.div.Tensor_mode, perm, Capture("k"), rounding_mode="trunc", name="token")
          | Call(aten.floor_divide.default, perm, Capture("k"), name="token"))
-_routing = Call(aten.unsqueeze.default, Call(aten.index.Tensor, Call(
-    _VIEWS, topk_weights, ANY), [perm]), 1)
+def _whole(node: fx.Node) -> bool:
+    """A slice that keeps everything (`w[:, None]` under dynamic shapes slices [0, end))."""
+    a, b = fake_value(node), fake_value(node.args[0])
+    return len(a.shape) == len(b.shape) and all(map(layout.same, a.shape, b.shape))
+
+
+_gates = Call(aten.index.Tensor, Call(_VIEWS, topk_weights, ANY), [perm])
+_routing = Call(aten.unsqueeze.default, Call(aten.slice.Tensor, _gates, ANY, ANY, ANY,
+                                             where=_whole) | _gates, 1)
 sorted_experts = Call(aten.index_add.default, Capture("acc"), 0, token, Call(
     aten.mul.Tensor, Call(aten.cat.default, Capture("down_runs")), _routing, commutative=True))
 _h = gated(Call(aten.cat.default, Capture("gate_up_runs")))
