@@ -11,13 +11,16 @@ things are needed while Dynamo traces:
 2. transformers' `experts_implementation="eager"` loops over the experts that were *hit*
    (`for e in mask.sum(...).nonzero()`): a loop whose trip count is data, which no Dynamo
    setting can unroll (the count is unknown while tracing, so Dynamo breaks at the `for`).
-   While attnopt traces, that implementation is read as `all_experts_forward`: the same
-   arithmetic as a loop over all E experts. An expert no token picked adds an empty
-   `index_add_`, and the hit experts come in the same increasing order, so the result is
-   bit-identical (`tests/compiler/test_whole_block.py` checks it per class). Only the classes
-   in ALL_EXPERTS_CLASSES, checked that way, are read so; others keep their own forward.
+   While attnopt-compiled code runs (Dynamo traces it then), that implementation is read as
+   `all_experts_forward`: the same arithmetic as a loop over all E experts. An expert no token
+   picked adds an empty `index_add_`, and the hit experts come in the same increasing order,
+   so the result is bit-identical (`tests/compiler/test_whole_block.py` checks it per class).
+   Only the classes in ALL_EXPERTS_CLASSES, checked that way, are read so; others keep their
+   own forward.
    DBRX loops over the hit experts in a forward of its own: `DbrxExperts.forward` is swapped
-   for the same kind of all-experts loop while attnopt traces (checked the same way).
+   for the same kind of all-experts loop meanwhile (checked the same way). Both stand-ins are
+   process-wide (a registry entry, a class attribute): another thread running these experts
+   eagerly meanwhile runs the stand-in, which computes the same bits.
 
 The mechanism is Dynamo's `backend_ctx_ctor`: a backend callable may carry a context
 constructor that Dynamo enters around every call of the code it compiles (tracing included), so
