@@ -11,8 +11,9 @@ are summed in fp32, in slot order.
 
 Precision (compare `reference.moe`): ATen's CPU GEMMs return their input dtype, so with 16-bit
 x the gate/up and down products are rounded to 16 bits (as in eager transformers); activation,
-gating, routing weights and the sum over k run in fp32, and the intermediate and the result are
-rounded once each to x's dtype.
+gating, biases, routing weights and the sum over k run in fp32, and the intermediate and the
+result are rounded once each to x's dtype (and, with `weight_on_input`, the scaled input, as in
+eager).
 
 `moe_w4a16` (int4 expert weights) keeps that structure and replaces each grouped GEMM by a loop
 over the non-empty experts, each one ATen's int4 CPU kernel on that expert's packed matrix
@@ -30,6 +31,7 @@ import torch
 from torch import Tensor
 
 from attnopt.backends import int4, int4_cpu, reference
+from attnopt.backends.reference import ExpertForm
 
 # dtypes torch._grouped_mm takes on CPU; its operands' non-unit strides and base addresses must
 # be multiples of 16 bytes (odd H or I fall back to the per-expert loop).
@@ -99,11 +101,13 @@ def grouped_linear_int4(a: Tensor, qweight: Tensor, scales: Tensor, zeros: Tenso
 
 
 def moe(x: Tensor, topk_ids: Tensor, topk_weights: Tensor, w_gate_up: Tensor, w_down: Tensor,
-        activation: str = "silu") -> Tensor:
+        activation: str | ExpertForm = "silu", b_gate_up: Tensor | None = None,
+        b_down: Tensor | None = None) -> Tensor:
     """`reference.moe`, sorted by expert and grouped; see the module docstring."""
-    reference.check_moe(x, topk_ids, topk_weights, w_gate_up, w_down, activation)
+    reference.check_moe(x, topk_ids, topk_weights, w_gate_up, w_down, activation, b_gate_up,
+                        b_down)
     return _sorted_experts(x, topk_ids, topk_weights, w_gate_up.shape[0],
-                           w_gate_up.shape[1] // 2, activation,
+                           ExpertForm.of(activation), b_gate_up, b_down,
                            lambda a, counts: grouped_linear(a, w_gate_up, counts),
                            lambda a, counts: grouped_linear(a, w_down, counts))
 
@@ -111,14 +115,15 @@ def moe(x: Tensor, topk_ids: Tensor, topk_weights: Tensor, w_gate_up: Tensor, w_
 def moe_w4a16(x: Tensor, topk_ids: Tensor, topk_weights: Tensor, gate_up_qweight: Tensor,
               gate_up_scales: Tensor, gate_up_zeros: Tensor, down_qweight: Tensor,
               down_scales: Tensor, down_zeros: Tensor, group_size: int,
-              activation: str = "silu") -> Tensor:
+              activation: str | ExpertForm = "silu", b_gate_up: Tensor | None = None,
+              b_down: Tensor | None = None) -> Tensor:
     """`reference.moe_w4a16`, sorted by expert, one int4 GEMM per non-empty expert."""
     reference.check_moe_w4a16(x, topk_ids, topk_weights, gate_up_qweight, gate_up_scales,
                               gate_up_zeros, down_qweight, down_scales, down_zeros, group_size,
-                              activation)
+                              activation, b_gate_up, b_down)
     return _sorted_experts(
-        x, topk_ids, topk_weights, gate_up_qweight.shape[0], gate_up_qweight.shape[1] // 2,
-        activation,
+        x, topk_ids, topk_weights, gate_up_qweight.shape[0], ExpertForm.of(activation),
+        b_gate_up, b_down,
         lambda a, counts: grouped_linear_int4(a, gate_up_qweight, gate_up_scales, gate_up_zeros,
                                               group_size, counts),
         lambda a, counts: grouped_linear_int4(a, down_qweight, down_scales, down_zeros,
@@ -126,24 +131,33 @@ def moe_w4a16(x: Tensor, topk_ids: Tensor, topk_weights: Tensor, gate_up_qweight
 
 
 def _sorted_experts(x: Tensor, topk_ids: Tensor, topk_weights: Tensor, num_experts: int,
-                    inter: int, activation: str, gate_up_mm: Callable, down_mm: Callable,
-                    ) -> Tensor:
+                    form: ExpertForm, b_gate_up: Tensor | None, b_down: Tensor | None,
+                    gate_up_mm: Callable, down_mm: Callable) -> Tensor:
     """The sorted, grouped body of `moe`; `gate_up_mm(a, counts)` and `down_mm(a, counts)` are
-    the two grouped GEMMs (rows of `a` sorted by expert, `counts[e]` for expert e)."""
+    the two grouped GEMMs (rows of `a` sorted by expert, `counts[e]` for expert e). Biases are
+    gathered per row by the sorted expert ids and added in the compute dtype."""
     reference.check_moe_ids(topk_ids, num_experts)
     t, k = topk_ids.shape
     cdt = reference.compute_dtype(x.dtype)
-    if t * k == 0 or inter == 0:
+    if t * k == 0:
         return torch.zeros(x.shape, dtype=x.dtype, device=x.device)
 
+    # index_select / index_copy_ rather than advanced indexing: the same gathers and scatter,
+    # without the milliseconds advanced indexing spends per call on CPU for a few rows.
     expert_sorted, order = torch.sort(topk_ids.reshape(-1), stable=True)
     counts = torch.bincount(expert_sorted, minlength=num_experts)
-    xs = x[order // k]                                             # [S, H], grouped by expert
-    gate_up = gate_up_mm(xs, counts)                               # [S, 2I]
-    h = reference.moe_activation(gate_up[:, :inter].to(cdt), activation)
-    h = h.mul_(gate_up[:, inter:]).to(x.dtype)                     # [S, I]
+    routing = topk_weights.reshape(-1).index_select(0, order).to(cdt)[:, None]    # [S, 1]
+    xs = x.index_select(0, order // k)                             # [S, H], grouped by expert
+    if form.weight_on_input:                                       # rounded to x's dtype
+        xs = (xs.to(cdt) * routing).to(x.dtype)
+    gate_up = gate_up_mm(xs, counts).to(cdt)                       # [S, 2I]
+    if b_gate_up is not None:
+        gate_up += b_gate_up.to(cdt).index_select(0, expert_sorted)
+    h = form.gated(gate_up).to(x.dtype)                            # [S, I]
     y = down_mm(h, counts).to(cdt)                                 # [S, H]
-    y.mul_(topk_weights.reshape(-1)[order, None])
-    pairs = torch.empty_like(y)
-    pairs[order] = y                                               # back to (token, slot) order
+    if b_down is not None:
+        y += b_down.to(cdt).index_select(0, expert_sorted)
+    if not form.weight_on_input:
+        y.mul_(routing)
+    pairs = torch.empty_like(y).index_copy_(0, order, y)           # back to (token, slot) order
     return pairs.view(t, k, -1).sum(1).to(x.dtype)

@@ -37,7 +37,9 @@ CPU provider against `backends/reference.py` by tests/backends/test_onnx.py):
   buffer whose k rows per token are summed (`_routed_experts` says why by pair). ORT's
   `com.microsoft::MoE` does not fit: it takes router logits and does its own softmax and
   top-k, where our op is handed the chosen ids and weights (which need not sum to 1, and may
-  name one expert twice), and its CPU kernel gates only with SwiGLU (GEGLU is CUDA-only). A
+  name one expert twice), and its CPU kernel gates only with SwiGLU (GEGLU is CUDA-only). Every
+  `ExpertForm` is translated: per-expert biases (Gather + Add), interleaved gate/up (Slices of
+  step 2), GPT-OSS's clamped SwiGLU (Clip, Sigmoid), the routing weight on the input. A
   dense form (every expert on every token, weighted by a [T, E] combine matrix) would be
   fewer nodes but E/k times the FLOPs. Arithmetic as `reference.moe`: fp32 (fp64 for fp64),
   16-bit weights cast to fp32 in the graph and the intermediate rounded to x's dtype. ORT
@@ -67,6 +69,8 @@ from onnxscript import opset23 as op
 from onnxscript.onnx_types import TensorType as Tensor
 
 from attnopt.backends import ops  # noqa: F401  (registers torch.ops.attnopt.*)
+from attnopt.backends.ops import SWIGLU_OAI_ALPHA, SWIGLU_OAI_LIMIT
+from attnopt.backends.reference import ExpertForm
 
 OPSET = 23
 
@@ -274,13 +278,30 @@ def w4a16_linear(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, bias
 # --- mixture of experts ----------------------------------------------------------------------
 
 
-def _moe_activation(gate: Tensor, activation: str) -> Tensor:
-    """`reference.moe_activation`. Opset 23 has no SiLU op: gate · sigmoid(gate)."""
-    if activation == "silu":
-        return op.Mul(gate, op.Sigmoid(gate))
-    if activation in ("gelu", "gelu_tanh"):
-        return op.Gelu(gate, approximate="tanh" if activation == "gelu_tanh" else "none")
-    raise ValueError(f"attnopt ONNX export: moe activation {activation!r} has no translation")
+def _gated(gate_up: Tensor, inter: int, form: ExpertForm) -> Tensor:
+    """`ExpertForm.gated` on [n, 2I] rows: the gate/up split (halves, or even/odd columns when
+    interleaved) and the activation. Opset 23 has no SiLU op: gate · sigmoid(gate); the
+    clamped SwiGLU's clamps are Clips (NaN stays NaN, as in torch.clamp)."""
+    if form.interleaved:
+        gate = op.Slice(gate_up, _ints(0), _ints(2 * inter), _ints(1), _ints(2))
+        up = op.Slice(gate_up, _ints(1), _ints(2 * inter), _ints(1), _ints(2))
+    else:
+        gate = op.Slice(gate_up, _ints(0), _ints(inter), _ints(1))
+        up = op.Slice(gate_up, _ints(inter), _ints(2 * inter), _ints(1))
+    if form.activation == "silu":
+        return op.Mul(op.Mul(gate, op.Sigmoid(gate)), up)
+    if form.activation in ("gelu", "gelu_tanh"):
+        approximate = "tanh" if form.activation == "gelu_tanh" else "none"
+        return op.Mul(op.Gelu(gate, approximate=approximate), up)
+    if form.activation == "swiglu_oai":
+        dtype = gate_up.dtype
+        limit = _scalar(form.limit, dtype)
+        g = op.Clip(gate, None, limit)
+        u = op.Clip(up, _scalar(-form.limit, dtype), limit)
+        glu = op.Mul(g, op.Sigmoid(op.Mul(g, _scalar(form.alpha, dtype))))
+        return op.Mul(op.Add(u, _scalar(1.0, dtype)), glu)
+    raise ValueError(f"attnopt ONNX export: moe activation {form.activation!r} has no "
+                     "translation")
 
 
 def _expert_dims(weight: Tensor) -> tuple[int, ...]:
@@ -303,32 +324,42 @@ Projection = Callable[[int, Tensor], Tensor]  # (e, rows) -> rows @ expert e's m
 
 
 def _routed_experts(x: Tensor, topk_ids: Tensor, topk_weights: Tensor, num_experts: int,
-                    inter: int, activation: str, gate_up: Projection, down: Projection
-                    ) -> Tensor:
+                    inter: int, form: ExpertForm, gate_up: Projection, down: Projection,
+                    b_gate_up: Tensor | None, b_down: Tensor | None) -> Tensor:
     """`reference._moe_experts` with its precision: `gate_up(e, a)` and `down(e, h)` apply
-    expert e's two matrices to rows in the compute dtype. Expert e runs on the (token, slot)
-    pairs routed to it only; its weighted rows go to those pairs' rows of a [T·k, H] buffer,
-    whose k rows per token are then summed. Scattering by pair rather than by token keeps the
-    indices distinct (a pair has one expert): ORT's CPU ScatterND applies its updates in
-    parallel and loses sums when indices repeat, reduction="add" or not. A pair whose id is
-    outside [0, E) matches no expert and adds 0 (the reference raises, which a graph cannot;
-    the Triton path drops such pairs too)."""
+    expert e's two matrices to rows in the compute dtype; the biases (optional, [E, N]) are
+    added in it. Expert e runs on the (token, slot) pairs routed to it only; its rows go to
+    those pairs' rows of a [T·k, H] buffer, whose k rows per token are then summed. Scattering
+    by pair rather than by token keeps the indices distinct (a pair has one expert): ORT's CPU
+    ScatterND applies its updates in parallel and loses sums when indices repeat,
+    reduction="add" or not. A pair whose id is outside [0, E) matches no expert and adds 0 (the
+    reference raises, which a graph cannot; the Triton path drops such pairs too)."""
     compute = _compute_type(x.dtype)
+    rounded = x.dtype != compute  # 16-bit x: what eager holds in x's dtype is rounded to it
+
+    def round_to_x(t: Tensor) -> Tensor:
+        return op.Cast(op.Cast(t, to=x.dtype), to=compute) if rounded else t
+
     xc = _cast(x, compute)
     weights = op.Reshape(_cast(topk_weights, compute), _ints(-1))
+    biases = [None if b is None else _cast(b, compute) for b in (b_gate_up, b_down)]
     ids = op.Reshape(topk_ids, _ints(-1))  # pair p is token p // k, slot p % k
     k = op.Shape(topk_ids, start=1, end=2)
     pairs, rows = [], []
     for e in range(num_experts):
         routed = op.Equal(ids, op.Constant(value=ir.tensor(e, dtype=topk_ids.dtype)))
         p = op.Reshape(op.NonZero(routed), _ints(-1))  # [n]; n may be 0
-        gu = gate_up(e, op.Gather(xc, op.Div(p, k), axis=0))
-        gate = op.Slice(gu, _ints(0), _ints(inter), _ints(1))
-        up = op.Slice(gu, _ints(inter), _ints(2 * inter), _ints(1))
-        h = op.Mul(_moe_activation(gate, activation), up)
-        if x.dtype != compute:  # the second GEMM's operand is rounded to x's dtype, as in eager
-            h = op.Cast(op.Cast(h, to=x.dtype), to=compute)
-        rows.append(op.Mul(down(e, h), op.Unsqueeze(op.Gather(weights, p), _ints(1))))
+        routing = op.Unsqueeze(op.Gather(weights, p), _ints(1))
+        a = op.Gather(xc, op.Div(p, k), axis=0)
+        if form.weight_on_input:
+            a = round_to_x(op.Mul(a, routing))
+        gu = gate_up(e, a)
+        if biases[0] is not None:
+            gu = op.Add(gu, _expert(biases[0], e))
+        y = down(e, round_to_x(_gated(gu, inter, form)))  # the second GEMM's operand, as eager
+        if biases[1] is not None:
+            y = op.Add(y, _expert(biases[1], e))
+        rows.append(y if form.weight_on_input else op.Mul(y, routing))
         pairs.append(p)
     per_pair_shape = op.Concat(op.Shape(ids), op.Shape(x, start=1), axis=0)
     per_pair = op.ScatterND(
@@ -340,7 +371,10 @@ def _routed_experts(x: Tensor, topk_ids: Tensor, topk_weights: Tensor, num_exper
 
 
 def moe(x: Tensor, topk_ids: Tensor, topk_weights: Tensor, w_gate_up: Tensor, w_down: Tensor,
-        activation: str = "silu", impl: str = "auto") -> Tensor:
+        activation: str = "silu", impl: str = "auto", b_gate_up: Tensor | None = None,
+        b_down: Tensor | None = None, interleaved: bool = False,
+        alpha: float = SWIGLU_OAI_ALPHA, limit: float = SWIGLU_OAI_LIMIT,
+        weight_on_input: bool = False) -> Tensor:
     """The routed experts of `reference.moe`, expert by expert over the tokens routed to each."""
     num_experts, two_inter, _ = _expert_dims(w_gate_up)
     compute = _compute_type(x.dtype)
@@ -352,14 +386,18 @@ def moe(x: Tensor, topk_ids: Tensor, topk_weights: Tensor, w_gate_up: Tensor, w_
     def down(e: int, h: Tensor) -> Tensor:
         return op.Gemm(h, _expert(stacked_down, e), transB=1)
 
-    return _routed_experts(x, topk_ids, topk_weights, num_experts, two_inter // 2, activation,
-                           gate_up, down)
+    form = ExpertForm(activation, interleaved, alpha, limit, weight_on_input)
+    return _routed_experts(x, topk_ids, topk_weights, num_experts, two_inter // 2, form,
+                           gate_up, down, b_gate_up, b_down)
 
 
 def moe_w4a16(x: Tensor, topk_ids: Tensor, topk_weights: Tensor, gate_up_qweight: Tensor,
               gate_up_scales: Tensor, gate_up_zeros: Tensor, down_qweight: Tensor,
               down_scales: Tensor, down_zeros: Tensor, group_size: int,
-              activation: str = "silu", impl: str = "auto") -> Tensor:
+              activation: str = "silu", impl: str = "auto", b_gate_up: Tensor | None = None,
+              b_down: Tensor | None = None, interleaved: bool = False,
+              alpha: float = SWIGLU_OAI_ALPHA, limit: float = SWIGLU_OAI_LIMIT,
+              weight_on_input: bool = False) -> Tensor:
     """`reference.moe_w4a16`: `moe` with one fp32 MatMulNBits per expert matrix."""
     if x.dtype == ir.DataType.DOUBLE:
         raise ValueError("attnopt ONNX export: moe_w4a16 on fp64 activations has no "
@@ -378,8 +416,9 @@ def moe_w4a16(x: Tensor, topk_ids: Tensor, topk_weights: Tensor, gate_up_qweight
         return _int4_matmul(h, _expert(down_qweight, e), _expert(down_scales, e),
                             _expert(down_zeros, e), hidden, two_inter // 2, half_ip, group_size)
 
-    return _routed_experts(x, topk_ids, topk_weights, num_experts, two_inter // 2, activation,
-                           gate_up, down)
+    form = ExpertForm(activation, interleaved, alpha, limit, weight_on_input)
+    return _routed_experts(x, topk_ids, topk_weights, num_experts, two_inter // 2, form,
+                           gate_up, down, b_gate_up, b_down)
 
 
 TRANSLATIONS = {

@@ -262,6 +262,15 @@ def _(x, qweight, scales, zeros, bias, group_size, impl="auto"):
 
 # --- moe -----------------------------------------------------------------------------------
 
+# GPT-OSS's clamped SwiGLU constants, the defaults of `alpha` and `limit` (read only by
+# activation="swiglu_oai").
+SWIGLU_OAI_ALPHA, SWIGLU_OAI_LIMIT = 1.702, 7.0
+
+
+def _form(activation: str, interleaved: bool, alpha: float, limit: float,
+          weight_on_input: bool) -> reference.ExpertForm:
+    return reference.ExpertForm(activation, interleaved, alpha, limit, weight_on_input)
+
 
 @torch.library.custom_op("attnopt::moe", mutates_args=())
 def moe(
@@ -272,22 +281,39 @@ def moe(
     w_down: Tensor,
     activation: str = "silu",
     impl: str = "auto",
+    b_gate_up: Tensor | None = None,
+    b_down: Tensor | None = None,
+    interleaved: bool = False,
+    alpha: float = SWIGLU_OAI_ALPHA,
+    limit: float = SWIGLU_OAI_LIMIT,
+    weight_on_input: bool = False,
 ) -> Tensor:
-    """Routed experts: out[t] = Σ_j topk_weights[t, j] · W_down[e] (act(W_gate[e] x[t]) ⊙
-    W_up[e] x[t]), e = topk_ids[t, j], over x [T, H], w_gate_up [E, 2I, H], w_down [E, H, I];
-    `reference.moe`. The CPU path is `moe_cpu.moe`, the Triton one `triton.moe.fused_moe`."""
+    """Routed experts: out[t] = Σ_j topk_weights[t, j] · (W_down[e] h + b_down[e]),
+    h = gated(W_gate_up[e] x[t] + b_gate_up[e]), e = topk_ids[t, j], over x [T, H],
+    w_gate_up [E, 2I, H], w_down [E, H, I], optional biases b_gate_up [E, 2I] and
+    b_down [E, H]. `activation` ("silu", "gelu", "gelu_tanh" or GPT-OSS's clamped
+    "swiglu_oai" with `alpha` and `limit`), `interleaved` (gate/up rows even/odd rather than
+    halves) and `weight_on_input` (Llama-4: the weight scales the expert's input) are the
+    fields of `reference.ExpertForm`; `reference.moe` states the semantics. The CPU path is
+    `moe_cpu.moe`, the Triton one `triton.moe.fused_moe`."""
+    form = _form(activation, interleaved, alpha, limit, weight_on_input)
+    args = (x, topk_ids, topk_weights, w_gate_up, w_down, form, b_gate_up, b_down)
     if _use_triton(impl, x):
         from attnopt.backends.triton import moe as kernel
 
-        return kernel.fused_moe(x, topk_ids, topk_weights, w_gate_up, w_down, activation)
+        return kernel.fused_moe(*args)
     if impl == "reference":
-        return reference.moe(x, topk_ids, topk_weights, w_gate_up, w_down, activation)
-    return moe_cpu.moe(x, topk_ids, topk_weights, w_gate_up, w_down, activation)
+        return reference.moe(*args)
+    return moe_cpu.moe(*args)
 
 
 @moe.register_fake
-def _(x, topk_ids, topk_weights, w_gate_up, w_down, activation="silu", impl="auto"):
-    reference.check_moe(x, topk_ids, topk_weights, w_gate_up, w_down, activation)
+def _(x, topk_ids, topk_weights, w_gate_up, w_down, activation="silu", impl="auto",
+      b_gate_up=None, b_down=None, interleaved=False, alpha=SWIGLU_OAI_ALPHA,
+      limit=SWIGLU_OAI_LIMIT, weight_on_input=False):
+    reference.check_moe(x, topk_ids, topk_weights, w_gate_up, w_down,
+                        _form(activation, interleaved, alpha, limit, weight_on_input),
+                        b_gate_up, b_down)
     return x.new_empty(x.shape)
 
 
@@ -300,31 +326,48 @@ def moe_backward(
     w_gate_up: Tensor,
     w_down: Tensor,
     activation: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The gradients of `moe` with respect to x, topk_weights, w_gate_up and w_down, in fp32
-    (fp64 for fp64), expert by expert; see `reference.moe_backward`. An op of its own so that
+    b_gate_up: Tensor | None = None,
+    b_down: Tensor | None = None,
+    interleaved: bool = False,
+    alpha: float = SWIGLU_OAI_ALPHA,
+    limit: float = SWIGLU_OAI_LIMIT,
+    weight_on_input: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The gradients of `moe` with respect to x, topk_weights, w_gate_up, w_down, b_gate_up
+    and b_down, in fp32 (fp64 for fp64), expert by expert; see `reference.moe_backward`. An
+    absent bias gets an empty [0] tensor (an op returns tensors only). An op of its own so that
     tracing a backward graph does not look into the data-dependent expert loop."""
-    return reference.moe_backward(grad, x, topk_ids, topk_weights, w_gate_up, w_down,
-                                  activation)
+    grads = reference.moe_backward(grad, x, topk_ids, topk_weights, w_gate_up, w_down,
+                                   _form(activation, interleaved, alpha, limit,
+                                         weight_on_input), b_gate_up, b_down)
+    return tuple(g if g is not None else x.new_empty(0) for g in grads)
 
 
 @moe_backward.register_fake
-def _(grad, x, topk_ids, topk_weights, w_gate_up, w_down, activation):
-    return tuple(t.new_empty(t.shape) for t in (x, topk_weights, w_gate_up, w_down))
+def _(grad, x, topk_ids, topk_weights, w_gate_up, w_down, activation, b_gate_up=None,
+      b_down=None, interleaved=False, alpha=SWIGLU_OAI_ALPHA, limit=SWIGLU_OAI_LIMIT,
+      weight_on_input=False):
+    return tuple(x.new_empty(0) if t is None else t.new_empty(t.shape)
+                 for t in (x, topk_weights, w_gate_up, w_down, b_gate_up, b_down))
 
 
 def _moe_setup(ctx, inputs, output):
-    x, topk_ids, topk_weights, w_gate_up, w_down, activation, _impl = inputs
-    ctx.save_for_backward(x, topk_ids, topk_weights, w_gate_up, w_down)
-    ctx.activation = activation
+    x, topk_ids, topk_weights, w_gate_up, w_down, activation, _impl, b_gate_up, b_down, \
+        *form = inputs
+    ctx.save_for_backward(x, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down)
+    ctx.form = (activation, *form)
 
 
 def _moe_backward(ctx, grad):
-    # The routing ids are integers and get no gradient.
-    x, topk_ids, topk_weights, w_gate_up, w_down = ctx.saved_tensors
-    dx, dweights, dgate_up, ddown = moe_backward(grad, x, topk_ids, topk_weights, w_gate_up,
-                                                 w_down, ctx.activation)
-    return dx, None, dweights, dgate_up, ddown, None, None
+    # The routing ids are integers and get no gradient, nor do the form's settings.
+    x, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down = ctx.saved_tensors
+    activation, interleaved, alpha, limit, weight_on_input = ctx.form
+    dx, dweights, dgate_up, ddown, db_gate_up, db_down = moe_backward(
+        grad, x, topk_ids, topk_weights, w_gate_up, w_down, activation, b_gate_up, b_down,
+        interleaved, alpha, limit, weight_on_input)
+    return (dx, None, dweights, dgate_up, ddown, None, None,
+            db_gate_up if b_gate_up is not None else None,
+            db_down if b_down is not None else None, None, None, None, None)
 
 
 moe.register_autograd(_moe_backward, setup_context=_moe_setup)
@@ -344,18 +387,25 @@ def moe_w4a16(
     group_size: int,
     activation: str = "silu",
     impl: str = "auto",
+    b_gate_up: Tensor | None = None,
+    b_down: Tensor | None = None,
+    interleaved: bool = False,
+    alpha: float = SWIGLU_OAI_ALPHA,
+    limit: float = SWIGLU_OAI_LIMIT,
+    weight_on_input: bool = False,
 ) -> Tensor:
-    """`moe` with int4 expert weights: the same routed experts, with w_gate_up [E, 2I, H] and
-    w_down [E, H, I] the dequantized packed weights. Each expert matrix is packed as
-    `int4.quantize_rtn` packs a 2-D weight, stacked over E: gate_up_qweight [E, 2I, Hp/2]
-    uint8, gate_up_scales and gate_up_zeros [E, 2I, Hp/g]; down_qweight [E, H, Ip/2], down
-    scales and zeros [E, H, Ip/g] (Hp, Ip: H, I rounded up to group_size);
-    `reference.moe_w4a16`. The CPU path is `moe_cpu.moe_w4a16` (ATen's int4 CPU kernel per
-    non-empty expert: activations rounded to bf16), the Triton one `triton.moe.fused_moe_w4a16`.
-    Inference only: there is no autograd formula (the quantize pass makes it only in graphs
-    whose weights are frozen)."""
+    """`moe` with int4 expert weights: the same routed experts (form and float biases
+    included), with w_gate_up [E, 2I, H] and w_down [E, H, I] the dequantized packed weights.
+    Each expert matrix is packed as `int4.quantize_rtn` packs a 2-D weight, stacked over E:
+    gate_up_qweight [E, 2I, Hp/2] uint8, gate_up_scales and gate_up_zeros [E, 2I, Hp/g];
+    down_qweight [E, H, Ip/2], down scales and zeros [E, H, Ip/g] (Hp, Ip: H, I rounded up to
+    group_size); `reference.moe_w4a16`. The CPU path is `moe_cpu.moe_w4a16` (ATen's int4 CPU
+    kernel per non-empty expert: activations rounded to bf16), the Triton one
+    `triton.moe.fused_moe_w4a16`. Inference only: there is no autograd formula (the quantize
+    pass makes it only in graphs whose weights are frozen)."""
     args = (x, topk_ids, topk_weights, gate_up_qweight, gate_up_scales, gate_up_zeros,
-            down_qweight, down_scales, down_zeros, group_size, activation)
+            down_qweight, down_scales, down_zeros, group_size,
+            _form(activation, interleaved, alpha, limit, weight_on_input), b_gate_up, b_down)
     if _use_triton(impl, x):
         from attnopt.backends.triton import moe as kernel
 
@@ -367,10 +417,13 @@ def moe_w4a16(
 
 @moe_w4a16.register_fake
 def _(x, topk_ids, topk_weights, gate_up_qweight, gate_up_scales, gate_up_zeros, down_qweight,
-      down_scales, down_zeros, group_size, activation="silu", impl="auto"):
+      down_scales, down_zeros, group_size, activation="silu", impl="auto", b_gate_up=None,
+      b_down=None, interleaved=False, alpha=SWIGLU_OAI_ALPHA, limit=SWIGLU_OAI_LIMIT,
+      weight_on_input=False):
     reference.check_moe_w4a16(x, topk_ids, topk_weights, gate_up_qweight, gate_up_scales,
                               gate_up_zeros, down_qweight, down_scales, down_zeros, group_size,
-                              activation)
+                              _form(activation, interleaved, alpha, limit, weight_on_input),
+                              b_gate_up, b_down)
     return x.new_empty(x.shape)
 
 

@@ -8,6 +8,7 @@ here.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -105,12 +106,53 @@ def w4a16_linear(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, bias
 
 # --- mixture of experts ----------------------------------------------------------------------
 
-MOE_ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
+MOE_ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "swiglu_oai")
+
+
+class ExpertForm(NamedTuple):
+    """What an expert computes besides its weights: the gating of its first projection and
+    where the routing weight applies. The default is Mixtral's SwiGLU expert.
+
+    - `activation`: h = act(gate) ⊙ up with act SiLU ("silu"), exact GELU ("gelu") or its tanh
+      form ("gelu_tanh"); or GPT-OSS's clamped SwiGLU ("swiglu_oai"):
+      g = min(gate, limit), u = clamp(up, -limit, limit), h = (u + 1) ⊙ g σ(alpha g).
+      `alpha` and `limit` are read only by "swiglu_oai".
+    - `interleaved`: gate and up are the even and odd rows of the [2I, H] gate/up matrix
+      (GPT-OSS) rather than its first and second halves (transformers' `.chunk(2, -1)`).
+    - `weight_on_input`: each expert sees its token scaled by the routing weight, w x, and its
+      output is summed unweighted (Llama-4), rather than weighting the expert's output.
+    """
+
+    activation: str = "silu"
+    interleaved: bool = False
+    alpha: float = 1.702
+    limit: float = 7.0
+    weight_on_input: bool = False
+
+    @staticmethod
+    def of(form: str | ExpertForm) -> ExpertForm:
+        """An activation name means the default form with that activation."""
+        return form if isinstance(form, ExpertForm) else ExpertForm(form)
+
+    def split(self, gate_up: Tensor) -> tuple[Tensor, Tensor]:
+        """(gate, up) of a [S, 2I] gate/up projection, in its layout (views)."""
+        if self.interleaved:
+            return gate_up[:, 0::2], gate_up[:, 1::2]
+        inter = gate_up.shape[1] // 2
+        return gate_up[:, :inter], gate_up[:, inter:]
+
+    def gated(self, gate_up: Tensor) -> Tensor:
+        """h [S, I] from the [S, 2I] gate/up projection (in its dtype)."""
+        gate, up = self.split(gate_up)
+        if self.activation == "swiglu_oai":
+            g = gate.clamp(max=self.limit)
+            return (up.clamp(-self.limit, self.limit) + 1) * (g * torch.sigmoid(g * self.alpha))
+        return moe_activation(gate, self.activation) * up
 
 
 def moe_activation(gate: Tensor, activation: str) -> Tensor:
-    """act(gate) for the `activation` names of `moe`: SiLU, exact (erf) GELU, tanh-approximated
-    GELU (transformers' "silu"/"swish", "gelu", "gelu_pytorch_tanh")."""
+    """act(gate) for the activations of the form act(gate) ⊙ up: SiLU, exact (erf) GELU,
+    tanh-approximated GELU (transformers' "silu"/"swish", "gelu", "gelu_pytorch_tanh")."""
     if activation == "silu":
         return torch.nn.functional.silu(gate)
     if activation == "gelu":
@@ -121,11 +163,15 @@ def moe_activation(gate: Tensor, activation: str) -> Tensor:
 
 
 def check_moe(x: Tensor, topk_ids: Tensor, topk_weights: Tensor, w_gate_up: Tensor,
-              w_down: Tensor, activation: str) -> None:
-    """The checks of `moe` that need no look at the data (shapes, dtypes, activation): every
-    path runs them, the fake implementation too."""
-    if activation not in MOE_ACTIVATIONS:
-        raise ValueError(f"activation={activation!r} is not one of {MOE_ACTIVATIONS}")
+              w_down: Tensor, form: str | ExpertForm = "silu", b_gate_up: Tensor | None = None,
+              b_down: Tensor | None = None) -> None:
+    """The checks of `moe` that need no look at the data (shapes, dtypes, form): every path
+    runs them, the fake implementation too."""
+    form = ExpertForm.of(form)
+    if form.activation not in MOE_ACTIVATIONS:
+        raise ValueError(f"activation={form.activation!r} is not one of {MOE_ACTIVATIONS}")
+    if form.activation == "swiglu_oai" and not form.limit > 0:
+        raise ValueError(f"swiglu_oai needs a positive limit, got {form.limit}")
     if x.dim() != 2 or not x.is_floating_point():
         raise ValueError(f"moe takes x as a floating [T, H] tensor, got {x.dtype} "
                          f"{tuple(x.shape)}")
@@ -148,6 +194,16 @@ def check_moe(x: Tensor, topk_ids: Tensor, topk_weights: Tensor, w_gate_up: Tens
     if not (x.dtype == w_gate_up.dtype == w_down.dtype):
         raise ValueError(f"x, w_gate_up and w_down must share one dtype, got {x.dtype}, "
                          f"{w_gate_up.dtype} and {w_down.dtype}")
+    check_moe_biases(b_gate_up, b_down, e, i, h)
+
+
+def check_moe_biases(b_gate_up: Tensor | None, b_down: Tensor | None, e: int, i: int,
+                     h: int) -> None:
+    """Each bias is optional: b_gate_up [E, 2I] (rows as in w_gate_up), b_down [E, H]."""
+    for name, b, shape in (("b_gate_up", b_gate_up, (e, 2 * i)), ("b_down", b_down, (e, h))):
+        if b is not None and (tuple(b.shape) != shape or not b.is_floating_point()):
+            raise ValueError(f"{name} must be a floating [E, N] = {list(shape)}, got {b.dtype} "
+                             f"{tuple(b.shape)}")
 
 
 def check_moe_ids(topk_ids: Tensor, num_experts: int) -> None:
@@ -168,64 +224,93 @@ def moe(
     topk_weights: Tensor,
     w_gate_up: Tensor,
     w_down: Tensor,
-    activation: str = "silu",
+    activation: str | ExpertForm = "silu",
+    b_gate_up: Tensor | None = None,
+    b_down: Tensor | None = None,
 ) -> Tensor:
     """The routed experts of a sparse mixture-of-experts block, as transformers' `MixtralExperts`
-    (and Qwen2-MoE's, OLMoE's) compute them:
+    (and Qwen2-MoE's, OLMoE's, GPT-OSS's) compute them:
 
-        out[t] = Σ_j topk_weights[t, j] · W_down[e] (act(W_gate[e] x[t]) ⊙ W_up[e] x[t]),
-        e = topk_ids[t, j],
+        out[t] = Σ_j topk_weights[t, j] · (W_down[e] h + b_down[e]),
+        h = gated(W_gate_up[e] x[t] + b_gate_up[e]),   e = topk_ids[t, j],
 
     over x [T, H], topk_ids [T, k] (int32 or int64, each in [0, E)), topk_weights [T, k] (any
-    floating dtype), w_gate_up [E, 2I, H] with W_gate[e] = w_gate_up[e, :I] and
-    W_up[e] = w_gate_up[e, I:] (the order of transformers' `.chunk(2, -1)`), and
-    w_down [E, H, I]. `activation` is "silu", "gelu" (erf) or "gelu_tanh". x and both weights
-    share one dtype; the result is a contiguous [T, H] in it. An expert may get no tokens or all
-    of them, and the same expert twice for one token counts twice. An id outside [0, E) is a
-    ValueError.
+    floating dtype), w_gate_up [E, 2I, H], w_down [E, H, I] and the optional biases
+    b_gate_up [E, 2I] and b_down [E, H] (any floating dtype; absent means 0). `activation` is
+    an activation name or an `ExpertForm`, which says how `gated` splits the [2I] projection
+    into gate and up and combines them, and whether the routing weight scales the expert's
+    input instead (`weight_on_input`: out[t] = Σ_j expert_e(topk_weights[t, j] x[t]), the
+    scaled input rounded to x's dtype as in eager). x and both weights share one dtype; the
+    result is a contiguous [T, H] in it. An expert may get no tokens or all of them, and the
+    same expert twice for one token counts twice. An id outside [0, E) is a ValueError.
 
     Precision, for 16-bit x (fp32 x computes in fp32 throughout, fp64 in fp64):
-    1. gate and up products accumulate in fp32 and stay fp32 through act(gate) ⊙ up;
+    1. gate and up products accumulate in fp32, take their bias in fp32 and stay fp32 through
+       the gating;
     2. that intermediate is rounded once to x's dtype — it is the second GEMM's operand, as in
        eager, where every `F.linear` output is 16-bit;
-    3. the down product accumulates in fp32, is multiplied by the routing weight in fp32, and
-       the k weighted outputs of a token are summed in fp32;
+    3. the down product accumulates in fp32, takes its bias and is multiplied by the routing
+       weight in fp32, and the k outputs of a token are summed in fp32;
     4. the sum is rounded once to x's dtype.
     Eager transformers rounds more often (gate/up and down outputs to 16 bits; each weighted
     output to 16 bits before a 16-bit `index_add_`), so it agrees with this to 16-bit rounding.
     """
-    check_moe(x, topk_ids, topk_weights, w_gate_up, w_down, activation)
+    form = ExpertForm.of(activation)
+    check_moe(x, topk_ids, topk_weights, w_gate_up, w_down, form, b_gate_up, b_down)
     cdt = compute_dtype(x.dtype)
     return _moe_experts(x, topk_ids, topk_weights, w_gate_up.shape[0],
-                        lambda e: (w_gate_up[e].to(cdt), w_down[e].to(cdt)), activation)
+                        lambda e: (w_gate_up[e].to(cdt), w_down[e].to(cdt)), form,
+                        b_gate_up, b_down)
 
 
 def _moe_experts(x: Tensor, topk_ids: Tensor, topk_weights: Tensor, num_experts: int,
-                 expert: Callable[[int], tuple[Tensor, Tensor]], activation: str) -> Tensor:
+                 expert: Callable[[int], tuple[Tensor, Tensor]], form: ExpertForm,
+                 b_gate_up: Tensor | None, b_down: Tensor | None) -> Tensor:
     """The expert loop of `moe`, with the precision documented there; `expert(e)` gives expert
     e's (gate_up [2I, H], down [H, I]) in the compute dtype and is called only for the experts
     that some token picked."""
     check_moe_ids(topk_ids, num_experts)
     cdt = compute_dtype(x.dtype)
-    xf = x.to(cdt)
     out = torch.zeros(x.shape, dtype=cdt, device=x.device)
     for e in range(num_experts):
         tokens, slot = (topk_ids == e).nonzero(as_tuple=True)
         if tokens.numel() == 0:
             continue
         w_gate_up, w_down = expert(e)
-        inter = w_gate_up.shape[0] // 2
-        gate_up = xf[tokens] @ w_gate_up.T
-        h = moe_activation(gate_up[:, :inter], activation) * gate_up[:, inter:]
-        y = h.to(x.dtype).to(cdt) @ w_down.T
-        out.index_add_(0, tokens, y * topk_weights[tokens, slot, None].to(cdt))
+        routing = topk_weights[tokens, slot, None].to(cdt)
+        a = x[tokens].to(cdt)
+        if form.weight_on_input:
+            a = (a * routing).to(x.dtype).to(cdt)
+        y = expert_mlp(a, w_gate_up, w_down, form, _row(b_gate_up, e, cdt),
+                       _row(b_down, e, cdt), x.dtype)
+        out.index_add_(0, tokens, y if form.weight_on_input else y * routing)
     return out.to(x.dtype)
+
+
+def _row(b: Tensor | None, e: int, dtype: torch.dtype) -> Tensor | None:
+    return None if b is None else b[e].to(dtype)
+
+
+def expert_mlp(a: Tensor, w_gate_up: Tensor, w_down: Tensor, form: ExpertForm,
+               b_gate_up: Tensor | None, b_down: Tensor | None,
+               round_to: torch.dtype | None = None) -> Tensor:
+    """One expert on rows a [S, H], all in one compute dtype: W_down gated(W_gate_up a + b) + b.
+    `round_to` rounds the intermediate h to that dtype first (`moe`'s step 2)."""
+    gate_up = a @ w_gate_up.T
+    if b_gate_up is not None:
+        gate_up = gate_up + b_gate_up
+    h = form.gated(gate_up)
+    if round_to is not None:
+        h = h.to(round_to).to(a.dtype)
+    y = h @ w_down.T
+    return y if b_down is None else y + b_down
 
 
 def check_moe_w4a16(x: Tensor, topk_ids: Tensor, topk_weights: Tensor, gate_up_qweight: Tensor,
                     gate_up_scales: Tensor, gate_up_zeros: Tensor, down_qweight: Tensor,
                     down_scales: Tensor, down_zeros: Tensor, group_size: int,
-                    activation: str) -> None:
+                    activation: str | ExpertForm = "silu", b_gate_up: Tensor | None = None,
+                    b_down: Tensor | None = None) -> None:
     """The data-free checks of `moe_w4a16`: the packed shapes, then `check_moe`'s."""
     from attnopt.backends import int4
 
@@ -256,23 +341,26 @@ def check_moe_w4a16(x: Tensor, topk_ids: Tensor, topk_weights: Tensor, gate_up_q
             if tuple(t.shape) != (e, n, kp // group_size) or not t.is_floating_point():
                 raise ValueError(f"{name}_{what} must be a floating [E, N, Kp/g] = "
                                  f"{[e, n, kp // group_size]}, got {t.dtype} {tuple(t.shape)}")
-    # The rest (ids, weights, activation) on float stand-ins of the weights' shapes (views of
+    # The rest (ids, weights, form, biases) on float stand-ins of the weights' shapes (views of
     # one element: nothing is allocated).
     one = x.new_empty(())
     check_moe(x, topk_ids, topk_weights, one.expand(e, two_i, h), one.expand(e, h, i),
-              activation)
+              activation, b_gate_up, b_down)
 
 
 def moe_w4a16(x: Tensor, topk_ids: Tensor, topk_weights: Tensor, gate_up_qweight: Tensor,
               gate_up_scales: Tensor, gate_up_zeros: Tensor, down_qweight: Tensor,
               down_scales: Tensor, down_zeros: Tensor, group_size: int,
-              activation: str = "silu") -> Tensor:
+              activation: str | ExpertForm = "silu", b_gate_up: Tensor | None = None,
+              b_down: Tensor | None = None) -> Tensor:
     """`moe` on int4 expert weights: each expert matrix is packed as `int4.quantize_rtn` packs a
     2-D weight ([N, K] -> qweight [N, Kp/2], scales and zeros [N, Kp/g]), stacked over E.
     The weights of the experts some token picked are dequantized in fp32 (exact: a 4-bit code
-    times a 16-bit scale; fp64 for fp64 x) and `moe`'s loop and precision apply."""
+    times a 16-bit scale; fp64 for fp64 x) and `moe`'s loop, form, biases and precision
+    apply."""
     check_moe_w4a16(x, topk_ids, topk_weights, gate_up_qweight, gate_up_scales, gate_up_zeros,
-                    down_qweight, down_scales, down_zeros, group_size, activation)
+                    down_qweight, down_scales, down_zeros, group_size, activation, b_gate_up,
+                    b_down)
     from attnopt.backends import int4
 
     cdt = compute_dtype(x.dtype)
@@ -284,55 +372,100 @@ def moe_w4a16(x: Tensor, topk_ids: Tensor, topk_weights: Tensor, gate_up_qweight
                 int4.dequantize(down_qweight[e], down_scales[e], down_zeros[e], group_size,
                                 inter, cdt))
 
-    return _moe_experts(x, topk_ids, topk_weights, gate_up_qweight.shape[0], expert, activation)
+    return _moe_experts(x, topk_ids, topk_weights, gate_up_qweight.shape[0], expert,
+                        ExpertForm.of(activation), b_gate_up, b_down)
 
 
 def moe_backward(grad: Tensor, x: Tensor, topk_ids: Tensor, topk_weights: Tensor,
-                 w_gate_up: Tensor, w_down: Tensor, activation: str = "silu",
-                 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Gradients of `moe` (without its rounding of the intermediate) with respect to x,
-    topk_weights, w_gate_up and w_down, computed in fp32 (fp64 for fp64) and returned in their
-    dtypes. For a pair (t, j) of expert e with a = x[t], g = W_gate a, u = W_up a,
-    h = act(g) ⊙ u, y = W_down h and G = grad[t]:
+                 w_gate_up: Tensor, w_down: Tensor, activation: str | ExpertForm = "silu",
+                 b_gate_up: Tensor | None = None, b_down: Tensor | None = None,
+                 ) -> tuple[Tensor, ...]:
+    """Gradients of `moe` (without its rounding of the intermediate and of a scaled input) with
+    respect to x, topk_weights, w_gate_up, w_down, b_gate_up and b_down (None for an absent
+    bias), computed in fp32 (fp64 for fp64) and returned in their dtypes. For a pair (t, j) of
+    expert e with a = x[t] (w x[t] with `weight_on_input`), w = topk_weights[t, j],
+    G = grad[t] and `moe`'s gate, up, h and y:
 
-        dtopk_weights[t, j] = G · y,   dy = topk_weights[t, j] G,   dW_down += dy hᵀ,
-        dh = W_downᵀ dy,   dg = act'(g) ⊙ u ⊙ dh,   du = act(g) ⊙ dh,
-        dW_gate += dg aᵀ,   dW_up += du aᵀ,   dx[t] += W_gateᵀ dg + W_upᵀ du.
-    """
-    check_moe(x, topk_ids, topk_weights, w_gate_up, w_down, activation)
-    num_experts, inter = w_gate_up.shape[0], w_gate_up.shape[1] // 2
-    check_moe_ids(topk_ids, num_experts)
+        dy = w G (G),   dw = G · y (dx[t] · x[t] / w, i.e. Σ da ⊙ x[t]),
+        dW_down += dy hᵀ,   db_down += dy,   dh = W_downᵀ dy,
+        (dgate, dup) = gated's backward at (gate, up) applied to dh (`_gated_backward`),
+        dW_gate_up += [dgate; dup] aᵀ,   db_gate_up += [dgate; dup] (rows in the form's layout),
+        da = W_gate_upᵀ [dgate; dup],   dx[t] += da (w da).
+
+    Written out rather than left to autograd: the op's backward runs inside a custom op, below
+    the autograd dispatch key."""
+    form = ExpertForm.of(activation)
+    check_moe(x, topk_ids, topk_weights, w_gate_up, w_down, form, b_gate_up, b_down)
+    check_moe_ids(topk_ids, w_gate_up.shape[0])
     cdt = compute_dtype(x.dtype)
     xf, gf, wf = x.to(cdt), grad.to(cdt), topk_weights.to(cdt)
     dx = torch.zeros(x.shape, dtype=cdt, device=x.device)
     dweights = torch.zeros(topk_weights.shape, dtype=cdt, device=x.device)
     dgate_up = torch.zeros(w_gate_up.shape, dtype=cdt, device=x.device)
     ddown = torch.zeros(w_down.shape, dtype=cdt, device=x.device)
-    for e in range(num_experts):
+    db_gate_up = None if b_gate_up is None else torch.zeros(b_gate_up.shape, dtype=cdt,
+                                                           device=x.device)
+    db_down = None if b_down is None else torch.zeros(b_down.shape, dtype=cdt, device=x.device)
+    for e in range(w_gate_up.shape[0]):
         tokens, slot = (topk_ids == e).nonzero(as_tuple=True)
         if tokens.numel() == 0:
             continue
-        a, wgu, wd = xf[tokens], w_gate_up[e].to(cdt), w_down[e].to(cdt)
+        wgu, wd = w_gate_up[e].to(cdt), w_down[e].to(cdt)
+        w = wf[tokens, slot, None]
+        a = xf[tokens] * w if form.weight_on_input else xf[tokens]
         gate_up = a @ wgu.T
-        g, u = gate_up[:, :inter], gate_up[:, inter:]
-        act_g = moe_activation(g, activation)
-        h = act_g * u
-        y = h @ wd.T
-        dweights[tokens, slot] = (gf[tokens] * y).sum(-1)
-        dy = gf[tokens] * wf[tokens, slot, None]
-        ddown[e] = dy.T @ h
-        dh = dy @ wd
-        if activation == "silu":
-            dg = torch.ops.aten.silu_backward(dh * u, g)
+        if b_gate_up is not None:
+            gate_up = gate_up + b_gate_up[e].to(cdt)
+        h = form.gated(gate_up)
+        if form.weight_on_input:
+            dy = gf[tokens]
         else:
-            dg = torch.ops.aten.gelu_backward(dh * u, g,
-                                              approximate="tanh" if activation == "gelu_tanh"
-                                              else "none")
-        dgu = torch.cat([dg, dh * act_g], 1)
+            y = h @ wd.T
+            if b_down is not None:
+                y = y + b_down[e].to(cdt)
+            dweights[tokens, slot] = (gf[tokens] * y).sum(-1)
+            dy = gf[tokens] * w
+        ddown[e] = dy.T @ h
+        if db_down is not None:
+            db_down[e] = dy.sum(0)
+        dgu = _gated_backward(gate_up, dy @ wd, form)
         dgate_up[e] = dgu.T @ a
-        dx.index_add_(0, tokens, dgu @ wgu)
+        if db_gate_up is not None:
+            db_gate_up[e] = dgu.sum(0)
+        da = dgu @ wgu
+        if form.weight_on_input:
+            dweights[tokens, slot] = (da * xf[tokens]).sum(-1)
+            da = da * w
+        dx.index_add_(0, tokens, da)
     return (dx.to(x.dtype), dweights.to(topk_weights.dtype), dgate_up.to(w_gate_up.dtype),
-            ddown.to(w_down.dtype))
+            ddown.to(w_down.dtype),
+            None if db_gate_up is None else db_gate_up.to(b_gate_up.dtype),
+            None if db_down is None else db_down.to(b_down.dtype))
+
+
+def _gated_backward(gate_up: Tensor, dh: Tensor, form: ExpertForm) -> Tensor:
+    """d gate_up [S, 2I] (in the form's layout) from dh [S, I] for h = form.gated(gate_up).
+    act(g) ⊙ u: dg = act'(g) u dh, du = act(g) dh. Clamped SwiGLU, h = (u' + 1) g' σ(α g'):
+    dg' = (u' + 1) dh (σ(α g') + α g' σ(α g')(1 - σ(α g'))), du' = g' σ(α g') dh, each passed
+    back where its clamp held the value (torch.clamp's gradient: inside the bounds, ends
+    included)."""
+    gate, up = form.split(gate_up)
+    if form.activation == "swiglu_oai":
+        g, u = gate.clamp(max=form.limit), up.clamp(-form.limit, form.limit)
+        sig = torch.sigmoid(g * form.alpha)
+        dg = (u + 1) * dh * (sig + form.alpha * g * sig * (1 - sig)) * (gate <= form.limit)
+        du = g * sig * dh * ((up >= -form.limit) & (up <= form.limit))
+    elif form.activation == "silu":
+        dg, du = torch.ops.aten.silu_backward(dh * up, gate), moe_activation(gate, "silu") * dh
+    else:
+        approximate = "tanh" if form.activation == "gelu_tanh" else "none"
+        dg = torch.ops.aten.gelu_backward(dh * up, gate, approximate=approximate)
+        du = moe_activation(gate, form.activation) * dh
+    out = torch.empty_like(gate_up)
+    d_gate, d_up = form.split(out)
+    d_gate.copy_(dg)
+    d_up.copy_(du)
+    return out
 
 
 # --- paged attention (KV cache) ----------------------------------------------------------------

@@ -27,6 +27,7 @@ from attnopt.compiler.options import Options
 from attnopt.compiler.pipeline import collectives_note, run_pipeline
 from attnopt.compiler.reinplace import reinplace_input_updates
 from attnopt.compiler.report import CompileReport, add_report, next_graph_id
+from attnopt.compiler.whole_block import forward_backend_context, whole_block_capture
 from attnopt.passes import PIPELINE
 
 
@@ -48,6 +49,12 @@ def attnopt_backend(
     opts = Options.parse(options)
     _check_kernels(opts, example_inputs)
     return per_parameter_set(lambda inputs: _compile(gm, inputs, opts), example_inputs)
+
+
+# Dynamo enters this around every call of attnopt-compiled code, tracing included: data-dependent
+# expert loops are captured whole (compiler/whole_block.py).
+attnopt_backend.backend_ctx_ctor = whole_block_capture
+forward_backend_context()
 
 
 def _compile(gm: fx.GraphModule, example_inputs: list, opts: Options) -> Callable:

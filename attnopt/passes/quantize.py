@@ -10,12 +10,15 @@ report. Activation-aware scaling needs calibration data, so it is the offline pa
 (`attnopt.quantization.awq`); a checkpoint it wrote already holds `w4a16_linear` calls.
 
 MoE blocks: the moe pass runs first and leaves `attnopt::moe` calls on frozen stacked expert
-weights (gate_up [E, 2I, H], down [E, H, I]). Each such call whose experts module (named by its
-weights, `model.layers.0.mlp.experts`) no `skip` glob names gets every expert matrix quantized
-the same way, stacked over E, and becomes one `attnopt::moe_w4a16`. The router stays what it was
-(a linear, quantized or not like any other). These rewrites are not counted (the counts keep
-their meaning: `w4a16_linear` counts linears, `moe` MoE blocks whatever their weights); each
-block's error goes into the report's notes as `<experts> [moe ...]: relative error <e>`.
+weights (gate_up [E, 2I, H], down [E, H, I]; views of the model's own tensors where it stores
+them transposed). Each such call whose experts module (named by its weights,
+`model.layers.0.mlp.experts`) no `skip` glob names gets every expert matrix quantized the same
+way, stacked over E, and becomes one `attnopt::moe_w4a16` with the same expert form and float
+biases (GPT-OSS's clamped SwiGLU, interleaved gate/up, Llama-4's weighted input). The router
+stays what it was (a linear, quantized or not like any other). These rewrites are not counted
+(the counts keep their meaning: `w4a16_linear` counts linears, `moe` MoE blocks whatever their
+weights); each block's error goes into the report's notes as
+`<experts> [moe ...]: relative error <e>`.
 """
 
 from __future__ import annotations
@@ -120,9 +123,12 @@ def relative_error(w: torch.Tensor, packed: int4.PackedInt4) -> float:
 
 # --- MoE experts ------------------------------------------------------------------------------
 
+# The expert form and the float biases carry over to moe_w4a16 unchanged.
+FORM_ARGUMENTS = ("b_gate_up", "b_down", "interleaved", "alpha", "limit", "weight_on_input")
 moe = Call(torch.ops.attnopt.moe.default, Capture("x"), Capture("topk_ids"),
            Capture("topk_weights"), Capture("w_gate_up", where=is_constant),
-           Capture("w_down", where=is_constant), Literal("activation"), Literal("impl"))
+           Capture("w_down", where=is_constant), Literal("activation"), Literal("impl"),
+           **{name: Capture(name) for name in FORM_ARGUMENTS})
 
 
 def experts_of(m: Match) -> str | None:
@@ -168,7 +174,7 @@ def rewrite_moe(m: Match, graph: fx.Graph, ctx) -> fx.Node:
              f"{two_i}x{h}, down {h}x{two_i // 2}]: relative error {error:.4f}")
     return insert_call(graph, torch.ops.attnopt.moe_w4a16.default, (
         x, m["topk_ids"], m["topk_weights"], *args, ctx.options.group_size, m["activation"]),
-        {"impl": ctx.options.kernels})
+        {"impl": ctx.options.kernels, **{name: m[name] for name in FORM_ARGUMENTS}})
 
 
 def experts_error(weights: list[torch.Tensor], packed: list[int4.PackedInt4]) -> float:

@@ -2,7 +2,12 @@
 
     out[t] = Σ_j w[t, j] · W_down[e] (act(W_gate[e] x[t]) ⊙ W_up[e] x[t]),   e = ids[t, j],
 
-with W_gate[e] = w_gate_up[e, :I] and W_up[e] = w_gate_up[e, I:]. The design is vLLM's
+with W_gate[e] = w_gate_up[e, :I] and W_up[e] = w_gate_up[e, I:] — or any `ExpertForm`: gate and
+up interleaved (rows 2n and 2n + 1), GPT-OSS's clamped SwiGLU, per-expert biases on gate/up and
+down, the routing weight on the input (Llama-4). Those are epilogue (and prologue) changes of
+the same kernels, chosen by constexpr flags: the biases are added to the fp32 accumulators,
+the gating is computed on them, the input tile is scaled by its pair's weight. The design is
+vLLM's
 fused_moe, written from the math. Number the S = T·k (token, expert) pairs p = t·k + j (so
 token t = p // k). The work of expert e is two GEMMs over the rows {p : ids.flat[p] = e}; once
 the pairs are grouped by expert, every expert's rows are one contiguous run and both
@@ -20,12 +25,12 @@ projections are grouped GEMMs over runs:
    once (a fixed grid also keeps the op capturable in a CUDA graph).
 2. Gate/up GEMM (`_gate_up_kernel`). One program per (block, BLOCK_N columns of I): it gathers
    the x rows of the block's pairs, multiplies them by the same columns of W_gate[e] and of
-   W_up[e] into two fp32 accumulators, and stores act(gate) ⊙ up, rounded once to x's dtype,
-   into h[p] ([S, I], in pair order).
+   W_up[e] into two fp32 accumulators, adds the biases, and stores gated(gate, up), rounded
+   once to x's dtype, into h[p] ([S, I], in pair order).
 3. Down GEMM (`_down_kernel`). One program per (block, BLOCK_N columns of H, K chunk): h rows
-   of the block times W_down[e]ᵀ in fp32, times the routing weight w.flat[p] in fp32, stored in
-   fp32 to part[chunk, p] ([SPLIT_K, T, k, H]). Splitting K (= I) keeps the GPU busy at decode,
-   when there are only k blocks.
+   of the block times W_down[e]ᵀ in fp32 (plus the bias, in chunk 0 only), times the routing
+   weight w.flat[p] in fp32, stored in fp32 to part[chunk, p] ([SPLIT_K, T, k, H]).
+   Splitting K (= I) keeps the GPU busy at decode, when there are only k blocks.
 4. Sum (`_sum_kernel`). out[t] = Σ_j Σ_chunk part[chunk, t, j], in fp32 and in a fixed order,
    rounded once to x's dtype. No atomics on the output: the result is deterministic (the order
    of pairs inside a block, which the atomic ranks make arbitrary, changes nothing, since rows
@@ -64,9 +69,10 @@ import triton.language as tl
 from torch import Tensor
 
 from attnopt.backends import reference
+from attnopt.backends.reference import ExpertForm
 from attnopt.backends.triton import interpreting
 
-ACTIVATIONS = {"silu": 0, "gelu": 1, "gelu_tanh": 2}
+ACTIVATIONS = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "swiglu_oai": 3}
 # Pairs (tokens · top-k) per pass; larger batches go through in token chunks.
 MAX_PAIRS = 65536
 # The down GEMM splits I so that about PROGRAMS_PER_SM programs run per SM, each chunk at least
@@ -220,15 +226,21 @@ def _weight_tile(w, cols, col_ok, k0, k_hi, swn, swk, sc, ssn, ssg, zp, szn, szg
 
 
 @triton.jit
-def _act(g, ACT: tl.constexpr):
-    """silu(g) = g σ(g); gelu(g) = g Φ(g) = g (1 + erf(g / √2)) / 2; its tanh form
-    g (1 + tanh(u)) / 2 = g σ(2u), u = √(2/π) (g + 0.044715 g³)."""
+def _gated(g, u, alpha, limit, ACT: tl.constexpr):
+    """h = act(g) ⊙ u with silu(g) = g σ(g); gelu(g) = g Φ(g) = g (1 + erf(g / √2)) / 2; its
+    tanh form g (1 + tanh(v)) / 2 = g σ(2v), v = √(2/π) (g + 0.044715 g³); or GPT-OSS's
+    clamped SwiGLU (ACT 3), (clamp(u, -limit, limit) + 1) ⊙ g' σ(alpha g'), g' = min(g, limit).
+    The clamps are comparisons, so a NaN stays NaN as in torch.clamp."""
     if ACT == 0:
-        return g * tl.sigmoid(g)
+        return g * tl.sigmoid(g) * u
     elif ACT == 1:
-        return 0.5 * g * (1.0 + tl.erf(g * 0.7071067811865476))
+        return 0.5 * g * (1.0 + tl.erf(g * 0.7071067811865476)) * u
+    elif ACT == 2:
+        return g * tl.sigmoid(1.5957691216057308 * (g + 0.044715 * g * g * g)) * u
     else:
-        return g * tl.sigmoid(1.5957691216057308 * (g + 0.044715 * g * g * g))
+        g = tl.where(g > limit, limit, g)
+        u = tl.where(u > limit, limit, tl.where(u < -limit, -limit, u))
+        return (u + 1.0) * (g * tl.sigmoid(g * alpha))
 
 
 @triton.jit
@@ -256,16 +268,19 @@ def _rows(pid_m, sorted_ids, expert_of_block, S, BLOCK_M: tl.constexpr):
 
 @triton.jit
 def _gate_up_kernel(
-    h, x, sxt, sxh, w, swe, swn, swk, sc, sse, ssn, ssg, zp, sze, szn, szg,
-    sorted_ids, expert_of_block, num_post_padded,
-    S, N, K, top_k, max_blocks, m_bucket, group_size,
-    ACT: tl.constexpr, INT4: tl.constexpr, DOT_IN_FP32: tl.constexpr, BLOCK_M: tl.constexpr,
+    h, x, sxt, sxh, w, swe, swn, swk, sc, sse, ssn, ssg, zp, sze, szn, szg, bias, sbe, sbn,
+    topk_weights, sorted_ids, expert_of_block, num_post_padded,
+    S, N, K, top_k, max_blocks, m_bucket, group_size, alpha, limit,
+    ACT: tl.constexpr, INT4: tl.constexpr, HAS_BIAS: tl.constexpr, INTERLEAVED: tl.constexpr,
+    WEIGHT_ON_INPUT: tl.constexpr, DOT_IN_FP32: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """h[p, cols] = act(x[p // k] · W_gate[e, cols]) ⊙ (x[p // k] · W_up[e, cols]) for the
-    pairs p of one block (N = I, K = H); W_up[e, n] is row I + n of w_gate_up[e]. With INT4,
-    w, sc and zp are the packed codes, scales and zeros (`_weight_tile`); otherwise sc and zp
-    are unused."""
+    """h[p, cols] = gated(a · W_gate[e, cols] + b_gate[e, cols], a · W_up[e, cols] +
+    b_up[e, cols]) for the pairs p of one block (N = I, K = H), a = x[p // k] (times the
+    routing weight, rounded to x's dtype, with WEIGHT_ON_INPUT). W_up[e, n] is row I + n of
+    w_gate_up[e], or with INTERLEAVED W_gate[e, n] and W_up[e, n] are rows 2n and 2n + 1; the
+    bias b [E, 2I] has the same rows. With INT4, w, sc and zp are the packed codes, scales and
+    zeros (`_weight_tile`); otherwise sc and zp are unused."""
     pid_m, pid_n = _tile(tl.program_id(0), max_blocks, N, BLOCK_N, GROUP_M)
     if pid_m * BLOCK_M < tl.load(num_post_padded):  # past the last real block: nothing to do
         pairs, row_ok, e = _rows(pid_m, sorted_ids, expert_of_block, S, BLOCK_M)
@@ -274,7 +289,12 @@ def _gate_up_kernel(
         offs_k = tl.arange(0, BLOCK_K)
         x_rows = x + (pairs // top_k) * sxt
         w_e, sc_e, zp_e = w + e * swe, sc + e * sse, zp + e * sze
-        up = N  # W_up[e, n] is row N + n: the same tile, N rows further
+        if INTERLEAVED:
+            gate_rows, up_rows = 2 * cols, 2 * cols + 1
+        else:
+            gate_rows, up_rows = cols, cols + N
+        if WEIGHT_ON_INPUT:
+            rw = tl.load(topk_weights + pairs, mask=row_ok, other=0.0).to(tl.float32)
         acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
@@ -282,10 +302,12 @@ def _gate_up_kernel(
             k_ok = ks < K
             a = tl.load(x_rows[:, None] + ks[None, :] * sxh,
                         mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            bg, sg = _weight_tile(w_e, cols, col_ok, k0, K, swn, swk, sc_e, ssn, ssg, zp_e,
-                                  szn, szg, group_size, x.dtype.element_ty, INT4, BLOCK_N,
-                                  BLOCK_K)
-            bu, su = _weight_tile(w_e, cols + up, col_ok, k0, K, swn, swk, sc_e, ssn, ssg, zp_e,
+            if WEIGHT_ON_INPUT:
+                a = (a.to(tl.float32) * rw[:, None]).to(x.dtype.element_ty)
+            bg, sg = _weight_tile(w_e, gate_rows, col_ok, k0, K, swn, swk, sc_e, ssn, ssg,
+                                  zp_e, szn, szg, group_size, x.dtype.element_ty, INT4,
+                                  BLOCK_N, BLOCK_K)
+            bu, su = _weight_tile(w_e, up_rows, col_ok, k0, K, swn, swk, sc_e, ssn, ssg, zp_e,
                                   szn, szg, group_size, x.dtype.element_ty, INT4, BLOCK_N,
                                   BLOCK_K)
             if INT4:
@@ -294,23 +316,29 @@ def _gate_up_kernel(
             else:
                 acc_g += _dot(a, bg, DOT_IN_FP32)
                 acc_u += _dot(a, bu, DOT_IN_FP32)
-        out = _act(acc_g, ACT) * acc_u
+        if HAS_BIAS:
+            b_e = bias + e * sbe
+            acc_g += tl.load(b_e + gate_rows * sbn, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+            acc_u += tl.load(b_e + up_rows * sbn, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        out = _gated(acc_g, acc_u, alpha, limit, ACT)
         tl.store(h + pairs[:, None] * N + cols[None, :], out.to(h.dtype.element_ty),
                  mask=row_ok[:, None] & col_ok[None, :])
 
 
 @triton.jit
 def _down_kernel(
-    part, h, w, swe, swn, swk, sc, sse, ssn, ssg, zp, sze, szn, szg, topk_weights,
+    part, h, w, swe, swn, swk, sc, sse, ssn, ssg, zp, sze, szn, szg, bias, sbe, sbn, topk_weights,
     sorted_ids, expert_of_block, num_post_padded,
     S, N, K, k_per_split, max_blocks, m_bucket, group_size,
-    INT4: tl.constexpr, DOT_IN_FP32: tl.constexpr, BLOCK_M: tl.constexpr,
+    INT4: tl.constexpr, HAS_BIAS: tl.constexpr, WEIGHT_ON_INPUT: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """part[chunk, p, cols] = topk_weights.flat[p] · Σ_{i in chunk} h[p, i] W_down[e, cols, i]
-    in fp32, for the pairs p of one block (N = H, K = I; chunk = program_id(1)). INT4 as in
-    `_gate_up_kernel`; k_per_split is then a multiple of BLOCK_K, so no K tile straddles a
-    group."""
+    """part[chunk, p, cols] = topk_weights.flat[p] · (Σ_{i in chunk} h[p, i] W_down[e, cols, i]
+    + b_down[e, cols] in chunk 0 only) in fp32, for the pairs p of one block (N = H, K = I;
+    chunk = program_id(1)); without the routing weight with WEIGHT_ON_INPUT (it scaled the
+    input). INT4 as in `_gate_up_kernel`; k_per_split is then a multiple of BLOCK_K, so no K
+    tile straddles a group."""
     pid_m, pid_n = _tile(tl.program_id(0), max_blocks, N, BLOCK_N, GROUP_M)
     if pid_m * BLOCK_M < tl.load(num_post_padded):  # past the last real block: nothing to do
         pairs, row_ok, e = _rows(pid_m, sorted_ids, expert_of_block, S, BLOCK_M)
@@ -335,8 +363,12 @@ def _down_kernel(
                 acc += _dot(a, b, DOT_IN_FP32) * sb[None, :]
             else:
                 acc += _dot(a, b, DOT_IN_FP32)
-        rw = tl.load(topk_weights + pairs, mask=row_ok, other=0.0).to(tl.float32)
-        acc = acc * rw[:, None]
+        if HAS_BIAS:
+            b_e = tl.load(bias + e * sbe + cols * sbn, mask=col_ok, other=0.0).to(tl.float32)
+            acc += tl.where(split == 0, b_e, 0.0)[None, :]  # once, not once per K chunk
+        if not WEIGHT_ON_INPUT:
+            rw = tl.load(topk_weights + pairs, mask=row_ok, other=0.0).to(tl.float32)
+            acc = acc * rw[:, None]
         dst = part + split.to(tl.int64) * S * N + pairs[:, None] * N + cols[None, :]
         tl.store(dst, acc, mask=row_ok[:, None] & col_ok[None, :])
 
@@ -442,10 +474,15 @@ def default_splits(sms: int, tiles: int, k: int) -> int:
     return max(1, min(triton.cdiv(PROGRAMS_PER_SM * sms, tiles), k // MIN_K_PER_SPLIT))
 
 
-def _check(x, topk_ids, topk_weights, w_gate_up, w_down, activation) -> None:
-    reference.check_moe(x, topk_ids, topk_weights, w_gate_up, w_down, activation)
+def _check(x, topk_ids, topk_weights, w_gate_up, w_down, form, b_gate_up, b_down) -> None:
+    reference.check_moe(x, topk_ids, topk_weights, w_gate_up, w_down, form, b_gate_up, b_down)
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise TypeError(f"fused_moe supports fp16, bf16 and fp32, got {x.dtype}")
+
+
+def _bias_args(b: Tensor | None, like: Tensor) -> tuple:
+    """A bias [E, N] and its strides; `like` and 0s when absent (not read: HAS_BIAS is off)."""
+    return (like, 0, 0) if b is None else (b, *b.stride())
 
 
 class _Weight(NamedTuple):
@@ -471,21 +508,25 @@ def fused_moe(
     topk_weights: Tensor,
     w_gate_up: Tensor,
     w_down: Tensor,
-    activation: str = "silu",
+    activation: str | ExpertForm = "silu",
+    b_gate_up: Tensor | None = None,
+    b_down: Tensor | None = None,
     *,
     block_m: int | None = None,
     split_k: int | None = None,
 ) -> Tensor:
-    """x [T, H] (fp16/bf16; fp32 accepted) → `reference.moe` as a contiguous [T, H] in x.dtype.
+    """x [T, H] (fp16/bf16; fp32 accepted) → `reference.moe` as a contiguous [T, H] in x.dtype,
+    for any `reference.ExpertForm` and biases (added to the fp32 accumulators in the epilogues).
 
     `block_m` forces the block height (a power of two, >= 16; default `choose_block_m`) and
     `split_k` the number of K chunks of the down GEMM (default: enough to fill the GPU, 2 under
     the interpreter); both are for tests and benchmarks. x and the weights are read through
     their strides (a transposed weight view is never copied).
     """
-    _check(x, topk_ids, topk_weights, w_gate_up, w_down, activation)
+    form = ExpertForm.of(activation)
+    _check(x, topk_ids, topk_weights, w_gate_up, w_down, form, b_gate_up, b_down)
     return _fused(x, topk_ids, topk_weights, _Weight(w_gate_up), _Weight(w_down),
-                  w_gate_up.shape[1] // 2, activation, 1, block_m, split_k)
+                  w_gate_up.shape[1] // 2, form, b_gate_up, b_down, 1, block_m, split_k)
 
 
 def fused_moe_w4a16(
@@ -499,7 +540,9 @@ def fused_moe_w4a16(
     down_scales: Tensor,
     down_zeros: Tensor,
     group_size: int,
-    activation: str = "silu",
+    activation: str | ExpertForm = "silu",
+    b_gate_up: Tensor | None = None,
+    b_down: Tensor | None = None,
     *,
     block_m: int | None = None,
     split_k: int | None = None,
@@ -510,24 +553,25 @@ def fused_moe_w4a16(
     any floating dtype. `block_m` and `split_k` as in `fused_moe`."""
     reference.check_moe_w4a16(x, topk_ids, topk_weights, gate_up_qweight, gate_up_scales,
                               gate_up_zeros, down_qweight, down_scales, down_zeros, group_size,
-                              activation)
+                              activation, b_gate_up, b_down)
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise TypeError(f"fused_moe_w4a16 supports fp16, bf16 and fp32, got {x.dtype}")
     return _fused(x, topk_ids, topk_weights,
                   _Weight(gate_up_qweight, gate_up_scales, gate_up_zeros),
                   _Weight(down_qweight, down_scales, down_zeros),
-                  gate_up_qweight.shape[1] // 2, activation, group_size, block_m, split_k)
+                  gate_up_qweight.shape[1] // 2, ExpertForm.of(activation), b_gate_up, b_down,
+                  group_size, block_m, split_k)
 
 
 def _fused(x, topk_ids, topk_weights, gate_up: _Weight, down: _Weight, inter: int,
-           activation: str, group_size: int, block_m, split_k) -> Tensor:
+           form: ExpertForm, b_gate_up, b_down, group_size: int, block_m, split_k) -> Tensor:
     if block_m is not None and (block_m < 16 or block_m & (block_m - 1)):
         raise ValueError(f"block_m must be a power of two >= 16, got {block_m}")
     t, k = topk_ids.shape
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if t == 0 or x.shape[1] == 0:
         return out
-    if k == 0 or inter == 0:
+    if k == 0:
         return out.zero_()
     ids = topk_ids.contiguous()
     weights = topk_weights.contiguous()
@@ -535,12 +579,12 @@ def _fused(x, topk_ids, topk_weights, gate_up: _Weight, down: _Weight, inter: in
     for t0 in range(0, t, step):
         t1 = min(t, t0 + step)
         _forward(out[t0:t1], x[t0:t1], ids[t0:t1], weights[t0:t1], gate_up, down, inter,
-                 ACTIVATIONS[activation], group_size, block_m, split_k)
+                 form, b_gate_up, b_down, group_size, block_m, split_k)
     return out
 
 
-def _forward(out, x, ids, weights, gate_up: _Weight, down: _Weight, inter: int, act: int,
-             group_size: int, block_m, split_k) -> None:
+def _forward(out, x, ids, weights, gate_up: _Weight, down: _Weight, inter: int,
+             form: ExpertForm, b_gate_up, b_down, group_size: int, block_m, split_k) -> None:
     """One token chunk: steps 1-4 of the module docstring into `out` (contiguous rows)."""
     t, k = ids.shape
     h_dim, s = x.shape[1], t * k
@@ -553,10 +597,14 @@ def _forward(out, x, ids, weights, gate_up: _Weight, down: _Weight, inter: int, 
     blocks = (al.sorted_ids, al.expert_of_block, al.num_post_padded)
 
     hidden = torch.empty((s, inter), dtype=x.dtype, device=x.device)
-    grid = lambda meta: (al.max_blocks * triton.cdiv(inter, meta["BLOCK_N"]),)
-    _gate_up[grid](hidden, x, *x.stride(), *gate_up.args(), *blocks,
-                   s, inter, h_dim, k, al.max_blocks, m_bucket, group_size,
-                   ACT=act, INT4=int4, DOT_IN_FP32=dot_fp32, BLOCK_M=bm)
+    if inter:  # else h is empty and the down GEMM leaves only its bias
+        grid = lambda meta: (al.max_blocks * triton.cdiv(inter, meta["BLOCK_N"]),)
+        _gate_up[grid](hidden, x, *x.stride(), *gate_up.args(), *_bias_args(b_gate_up, x),
+                       weights,
+                       *blocks, s, inter, h_dim, k, al.max_blocks, m_bucket, group_size,
+                       form.alpha, form.limit, ACT=ACTIVATIONS[form.activation], INT4=int4,
+                       HAS_BIAS=b_gate_up is not None, INTERLEAVED=form.interleaved,
+                       WEIGHT_ON_INPUT=form.weight_on_input, DOT_IN_FP32=dot_fp32, BLOCK_M=bm)
 
     # Chunks counted for nominal 64-column tiles; autotuning may pick others, which moves the
     # programs per SM by a small factor. A chunk is whole granules, so whole K tiles (every
@@ -568,13 +616,14 @@ def _forward(out, x, ids, weights, gate_up: _Weight, down: _Weight, inter: int, 
             sms = torch.cuda.get_device_properties(x.device).multi_processor_count
             split_k = default_splits(sms, al.max_blocks * triton.cdiv(h_dim, 64), inter)
     granule = 16 if interpreting() else SPLIT_GRANULE
-    chunk = triton.cdiv(triton.cdiv(inter, max(1, split_k)), granule) * granule
-    splits = triton.cdiv(inter, chunk)
+    chunk = max(1, triton.cdiv(triton.cdiv(inter, max(1, split_k)), granule)) * granule
+    splits = max(1, triton.cdiv(inter, chunk))  # one chunk at I = 0: the bias alone
     part = torch.empty((splits, s, h_dim), dtype=torch.float32, device=x.device)
     grid = lambda meta: (al.max_blocks * triton.cdiv(h_dim, meta["BLOCK_N"]), splits)
-    _down[grid](part, hidden, *down.args(), weights, *blocks,
+    _down[grid](part, hidden, *down.args(), *_bias_args(b_down, x), weights, *blocks,
                 s, h_dim, inter, chunk, al.max_blocks, m_bucket, group_size,
-                INT4=int4, DOT_IN_FP32=dot_fp32, BLOCK_M=bm)
+                INT4=int4, HAS_BIAS=b_down is not None, WEIGHT_ON_INPUT=form.weight_on_input,
+                DOT_IN_FP32=dot_fp32, BLOCK_M=bm)
 
     block = 1024
     _sum_kernel[(triton.cdiv(t * h_dim, block),)](out, part, ids, t * h_dim, h_dim,
