@@ -106,6 +106,8 @@ class ServingAutotuner(Autotuner):
         self._in_capture = False
 
     def _arch(self) -> str:
+        """The config family of the call's device (CPU tensors, which only tests under the
+        interpreter pass, take the "sm90" lists)."""
         dev = next((a.device for a in self.nargs.values() if isinstance(a, torch.Tensor)), None)
         return device_info(dev).arch if dev is not None and dev.type != "cpu" else "sm90"
 
