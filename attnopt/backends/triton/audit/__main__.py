@@ -50,7 +50,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{len(jobs)} compile jobs, {time.perf_counter() - start:.0f} s\n")
     print(report.markdown([s.row() for s in audit.summaries()]))
     failures = audit.failures()
-    print(f"failing jobs: {len({(f['kernel'], f['arch'], f['config']) for f in failures})}")
+    failing = {(f["kernel"], f["arch"], f["config"]) for f in failures}
+    print(f"failing: {len(failing)} configs of {len({(f['kernel'], f['arch']) for f in failures})}"
+          f" kernel x arch ({sum(s.failing for s in audit.summaries())} jobs)")
     print(report.markdown(report.failure_digest(failures)))
     print("second length in a bucket:")
     print(report.markdown(audit.retune))

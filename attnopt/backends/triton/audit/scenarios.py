@@ -166,9 +166,9 @@ def moe_scenarios(full: bool) -> Iterator[Scenario]:
         for act in ("gelu", "gelu_tanh"):
             yield _moe("olmoe", BF16, 256, act)
         return
-    yield _moe("mixtral-8x7b", BF16, 1, group=128)  # decode, int4 experts
-    yield _moe("mixtral-8x7b", BF16, 2048)  # prefill
-    yield _moe("olmoe", FP16, 64, "gelu")  # many small experts
+    for tokens in (1, 2048):  # decode and prefill, int4 experts
+        yield _moe("mixtral-8x7b", BF16, tokens, group=128)
+    yield _moe("olmoe", FP16, 64, "gelu")  # float, many small experts
 
 
 # --- W4A16 ------------------------------------------------------------------------------------
