@@ -115,14 +115,12 @@ def test_the_audit_refuses_the_interpreter():
 # --- the checker itself, on small kernels whose figures are known -------------------------------
 
 
+@triton.jit
 def _dot(a, b, c, BLOCK: tl.constexpr, IEEE: tl.constexpr):
     offs = tl.arange(0, BLOCK)
     tile = offs[:, None] * BLOCK + offs[None, :]
     x, y = tl.load(a + tile), tl.load(b + tile)
     tl.store(c + tile, tl.dot(x, y, input_precision="ieee" if IEEE else "tf32"))
-
-
-_dot = triton.runtime.jit.JITFunction(_dot)  # compiled as the JIT would, interpreter or not
 
 
 def _job(arch: int, dtype: str, block: int = 64, ieee: bool = False, warps: int = 4,
@@ -134,30 +132,53 @@ def _job(arch: int, dtype: str, block: int = 64, ieee: bool = False, warps: int 
         "attrs": [[[i], [["tt.divisibility", 16]]] for i in range(3)],
         "options": [["num_warps", warps]] + ([["maxnreg", maxnreg]] if maxnreg else []),
     }
-    return capture.Job(f"{_dot.module}:{_dot.fn.__qualname__}", arch, json.dumps(spec))
+    return capture.Job(f"{__name__}:_dot", arch, json.dumps(spec))
 
 
-def test_checker_sees_tensor_cores_and_their_absence():
-    hopper = compile.compile_job(_job(90, "bf16"))
-    ampere = compile.compile_job(_job(80, "fp16"))
-    ieee = compile.compile_job(_job(90, "fp32", ieee=True))
+# Compiled in a process without the interpreter: once a kernel has run under it, Triton's
+# language module is not fit to compile in the same process.
+CHECKED = {
+    "hopper": (90, "bf16", 64, False, 4, None),
+    "ampere": (80, "fp16", 64, False, 4, None),
+    "ieee": (90, "fp32", 64, True, 4, None),
+    "squeezed": (80, "fp16", 128, False, 4, 32),  # 128x128 fp32 products in 32 registers
+}
+COMPILE = """
+import dataclasses, json
+from attnopt.backends.triton.audit import compile
+from tests.backends import test_gpu_audit as t
+print(json.dumps({name: dataclasses.asdict(compile.compile_job(t._job(*args)))
+                  for name, args in t.CHECKED.items()}))
+"""
+
+
+@pytest.fixture(scope="module")
+def checked() -> dict[str, compile.Result]:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", COMPILE], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads(proc.stdout.splitlines()[-1])
+    return {name: compile.Result(**r) for name, r in results.items()}
+
+
+def test_checker_sees_tensor_cores_and_their_absence(checked):
+    hopper, ampere, ieee = checked["hopper"], checked["ampere"], checked["ieee"]
     assert (hopper.error, ampere.error, ieee.error) == (None, None, None)
     assert hopper.tensor_cores == "wgmma" and hopper.dots == [["bf16", "bf16", "tf32"]]
     assert ampere.tensor_cores == "mma" and ampere.dots == [["f16", "f16", "tf32"]]
     assert ieee.tensor_cores == "" and ieee.dots == [["f32", "f32", "ieee"]]
     assert 0 < hopper.registers <= 255 and hopper.shared > 0
-    assert report.problems(_job(90, "bf16"), hopper) == []
-    assert report.problems(_job(90, "fp32", ieee=True), ieee) == []  # fp32: reported only
+    assert report.problems(_job(*CHECKED["hopper"]), hopper) == []
+    assert report.problems(_job(*CHECKED["ieee"]), ieee) == []  # fp32: reported, not failed
     no_mma = compile.Result(registers=64, dots=[["bf16", "bf16", "tf32"]])
     assert [k for k, _ in report.problems(_job(90, "bf16"), no_mma)] == ["no tensor cores"]
 
 
-def test_checker_sees_spills_and_overflows():
-    # 128x128 fp32 products in 32 registers per thread must spill.
-    squeezed = _job(80, "fp16", block=128, maxnreg=32)
-    result = compile.compile_job(squeezed)
-    assert result.error is None and result.spills > 0 and result.registers <= 32
-    assert "spills" in [k for k, _ in report.problems(squeezed, result)]
+def test_checker_sees_spills_and_overflows(checked):
+    squeezed = checked["squeezed"]
+    assert squeezed.error is None and squeezed.spills > 0 and squeezed.registers <= 32
+    assert "spills" in [k for k, _ in report.problems(_job(*CHECKED["squeezed"]), squeezed)]
     big = compile.Result(registers=255, shared=200 * 1024, dots=[["f16", "f16", "tf32"]],
                          tensor_cores="mma")
     kinds = [k for k, _ in report.problems(_job(80, "fp16", warps=16), big)]
