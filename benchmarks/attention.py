@@ -104,12 +104,15 @@ def cpu_rows(quick: bool) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer shapes")
+    parser.add_argument("--gpu-only", action="store_true", help="skip the CPU table")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out"))
     args = parser.parse_args()
     if torch.cuda.is_available():
         for name, rows in (("attention-prefill", prefill_rows(args.quick)),
                            ("attention-decode", decode_rows(args.quick))):
             print(write_table(name, rows, list(rows[0]), args.out))
+    if args.gpu_only:
+        return
     rows = cpu_rows(args.quick)
     print(write_table("attention-llama-cpu", rows, list(rows[0]), args.out))
 

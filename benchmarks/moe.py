@@ -302,6 +302,7 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true",
                         help="run the GPU table's code on tiny shapes on CPU (needs "
                              "TRITON_INTERPRET=1); checks the script, measures nothing")
+    parser.add_argument("--gpu-only", action="store_true", help="skip the CPU table")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out"))
     args = parser.parse_args()
     if args.smoke:
@@ -319,6 +320,8 @@ def main() -> None:
         tokens = [1, 16, 256, 4096] if args.quick else [1, 4, 16, 64, 256, 1024, 4096]
         rows = gpu_rows(shapes, tokens, torch.bfloat16, "cuda")
         print(write_table("moe", rows, list(rows[0]), args.out))
+    if args.gpu_only:
+        return
     tokens = [1, 32] if args.quick else [1, 8, 64, 256]
     dtypes = [torch.float32] if args.quick else [torch.float32, torch.bfloat16]
     shapes = dict(list(CPU_SHAPES.items())[:1]) if args.quick else CPU_SHAPES

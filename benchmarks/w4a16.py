@@ -167,7 +167,7 @@ def gpu_rows(layers: dict, ms_list: list[int], dtypes: list, device: str) -> lis
                 gbs = moved / (t["auto"] * 1e6)
                 rows.append({
                     "layer": name, "N": n, "K": k, "dtype": str(dtype).removeprefix("torch."),
-                    "M": m, "path": kernel.choose_path(m, x.device),
+                    "M": m, "path": kernel.choose_path(m, x.device, x.dtype),
                     **{f"{label} ms": v for label, v in t.items()},
                     "auto eager ms": median_ms(_op, x, weights, impl),
                     "vs dense": t["dense"] / t["auto"],
@@ -227,6 +227,7 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true",
                         help="run the GPU table's code on tiny shapes on CPU (needs "
                              "TRITON_INTERPRET=1); checks the script, measures nothing")
+    parser.add_argument("--gpu-only", action="store_true", help="skip the CPU tables")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out"))
     args = parser.parse_args()
     if args.smoke:
@@ -243,6 +244,8 @@ def main() -> None:
         ms_list = [1, 16, 256] if args.quick else [1, 4, 16, 64, 256, 1024]
         rows = gpu_rows(layers, ms_list, [torch.bfloat16, torch.float16], "cuda")
         print(write_table("w4a16", rows, list(rows[0]), args.out))
+    if args.gpu_only:
+        return
     layers = {"q/o": LAYERS["q/o"]} if args.quick else LAYERS
     rows = cpu_rows(layers, [1, 16] if args.quick else [1, 4, 16, 64])
     print(write_table("w4a16-cpu", rows, list(rows[0]), args.out))

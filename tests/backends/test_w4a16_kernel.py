@@ -156,18 +156,29 @@ def test_through_the_op_with_3d_x():
     torch.testing.assert_close(got, ref, rtol=TOL[torch.bfloat16], atol=TOL[torch.bfloat16])
 
 
+@pytest.mark.parametrize("arch", ["sm80", "sm90"])
 @pytest.mark.parametrize("g", [32, 64, 128])
-def test_cuda_autotune_spaces_fit_every_group_size(g):
-    # Checked here without a GPU: for each group size and row bucket the pruned CUDA search
-    # space is non-empty, its K tiles divide the group, and its row tiles are no taller than
-    # the bucket (or than the shortest that fits the group, e.g. "tiled" forced onto few rows).
-    for configs in (kernel.GEMV_CONFIGS, kernel.SPLITK_CONFIGS, kernel.TILED_CONFIGS):
-        shortest = min(c.kwargs["BLOCK_M"] for c in configs if c.kwargs["BLOCK_K"] <= g)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_cuda_autotune_spaces_fit_every_group_size(g, arch, dtype):
+    # Checked here without a GPU: for each arch, group size, activation dtype and row bucket
+    # the pruned CUDA search space is non-empty, its K tiles divide the group, fp32 keeps only
+    # the small tiles, and its row tiles are no taller than the bucket (or than the shortest
+    # that fits, e.g. "tiled" forced onto few rows). Whether they compile well is the compile
+    # audit's job (test_gpu_audit.py).
+    x = torch.empty(1, 1, dtype=dtype)
+    for spaces in (kernel.GEMV_CONFIGS, kernel.SPLITK_CONFIGS, kernel.TILED_CONFIGS):
+        configs = [c for c in spaces[arch] if c.kwargs["BLOCK_K"] <= g]
+        if dtype == torch.float32:
+            configs = [c for c in configs if kernel._fits_fp32(c)]
+        shortest = min(c.kwargs["BLOCK_M"] for c in configs)
         for m_bucket in (1, 16, 64, 1024):
-            kept = kernel.prune_configs(configs, {"group_size": g, "m_bucket": m_bucket})
+            kept = kernel.prune_configs(spaces[arch], {"group_size": g, "m_bucket": m_bucket,
+                                                       "x": x})
             assert kept
             assert all(g % c.kwargs["BLOCK_K"] == 0 for c in kept)
             assert all(c.kwargs["BLOCK_M"] <= max(shortest, m_bucket) for c in kept)
+            if dtype == torch.float32:
+                assert all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64 for c in kept)
 
 
 def test_cuda_split_heuristic():
