@@ -128,13 +128,25 @@ def _columns(node: object) -> Columns | None:
 
 
 def _is_value_part(node: object) -> bool:
-    """The pattern's gate: V (maybe cut to the first Lq keys) is the last part of a two-part
-    split of a 4-D tensor's last dim — MLA's value. Anything else is no MLA and is not
-    reported."""
+    """The pattern's gate: V (maybe cut to the first Lq keys) is the last columns of a 4-D
+    tensor's last dim — MLA's value. With `_is_assembled_key` this tells MLA-shaped attention
+    from the rest, which is not reported."""
     base, _ = _uncut(node) if isinstance(node, fx.Node) else (node, None)
     part = _columns(base)
     return (part is not None and part.start > 0 and _val(part.source).dim() == 4
             and part.stop == _static(_val(part.source).shape[-1]))
+
+
+def _is_assembled_key(node: object) -> bool:
+    """The pattern's other gate: K (through scaling, transposes and a cut) is a cat or is
+    written column by column (MLA's [k_nope | k_rope])."""
+    if not isinstance(node, fx.Node):
+        return False
+    unscaled = _unscaled(node)
+    if isinstance(unscaled, str):
+        return False
+    k = _uncut(unscaled[0])[0]
+    return k.target in (aten.cat.default, aten.slice_scatter.default)
 
 
 def _uncut(node: fx.Node) -> tuple[fx.Node, object]:
@@ -450,7 +462,7 @@ def rewrite(m: Match, graph: fx.Graph, ctx) -> fx.Node:
     return call(aten.matmul.default, out_lat, w_uv_t)
 
 
-mla = Call(attnopt.attention.default, Capture("q"), Capture("k"),
+mla = Call(attnopt.attention.default, Capture("q"), Capture("k", where=_is_assembled_key),
            Capture("v", where=_is_value_part), Capture("mask"),
            Literal("is_causal"), Literal("scale"), impl=Literal("impl"))
 
