@@ -73,7 +73,15 @@ import torch.fx as fx
 from attnopt.backends import ops  # noqa: F401  (registers torch.ops.attnopt.*)
 from attnopt.compiler import layout
 from attnopt.compiler.graph import insert_call
-from attnopt.compiler.pattern import Call, Capture, Literal, Match, Rule, is_number
+from attnopt.compiler.pattern import (
+    Call,
+    Capture,
+    Literal,
+    Match,
+    Rule,
+    bound_arguments,
+    is_number,
+)
 from attnopt.compiler.rewrite import PatternPass
 
 aten, attnopt = torch.ops.aten, torch.ops.attnopt
@@ -110,20 +118,22 @@ def _columns(node: object) -> Columns | None:
         return None
     if node.target is operator.getitem and isinstance(node.args[0], fx.Node) \
             and node.args[0].target is aten.split_with_sizes.default:
-        split, index = node.args
-        source, sizes = split.args[0], split.args[1]
-        dim = split.args[2] if len(split.args) > 2 else split.kwargs.get("dim", 0)
-        if not _last_dim(source, dim) or not all(isinstance(s, int) for s in sizes):
+        split, index = bound_arguments(node.args[0]), node.args[1]
+        sizes = split["split_sizes"]
+        if not _last_dim(split["self"], split["dim"]) or not all(isinstance(s, int)
+                                                                 for s in sizes):
             return None
-        return Columns(source, sum(sizes[:index]), sum(sizes[:index + 1]))
+        return Columns(split["self"], sum(sizes[:index]), sum(sizes[:index + 1]))
     if node.target is aten.slice.Tensor:
-        source, dim, start, end, step = (*node.args, *[None] * (5 - len(node.args)))[:5]
-        width = _static(_val(source).shape[-1])
-        if width is None or not _last_dim(source, dim) or step not in (None, 1):
+        a = bound_arguments(node)
+        width = _static(_val(a["self"]).shape[-1])
+        start, end = a["start"], a["end"]
+        if width is None or not _last_dim(a["self"], a["dim"]) or a["step"] != 1 or not all(
+                x is None or isinstance(x, int) for x in (start, end)):
             return None
-        start, end = start or 0, width if end is None else min(end, width)
-        return Columns(source, start, end) if isinstance(start, int) and \
-            isinstance(end, int) else None
+        start, end = 0 if start is None else start, width if end is None else end
+        start, end = (x + width if x < 0 else x for x in (start, end))
+        return Columns(a["self"], start, min(end, width))
     return None
 
 
@@ -152,9 +162,10 @@ def _is_assembled_key(node: object) -> bool:
 def _uncut(node: fx.Node) -> tuple[fx.Node, object]:
     """(x, end) for x[:, :, :end] (transformers' cut of K/V to the queries' length), else
     (node, None)."""
-    if node.target is aten.slice.Tensor and len(node.args) >= 4 and node.args[1] == 2 \
-            and node.args[2] in (0, None) and (len(node.args) < 5 or node.args[4] == 1):
-        return node.args[0], node.args[3]
+    if node.target is aten.slice.Tensor:
+        a = bound_arguments(node)
+        if a["dim"] == 2 and a["start"] in (0, None) and a["step"] == 1:
+            return a["self"], a["end"]
     return node, None
 
 
@@ -190,29 +201,31 @@ def _written_columns(node: fx.Node) -> list[tuple[fx.Node, int, int]] | str:
     exactly once (new_empty's memory is garbage)."""
     width = _static(_val(node).shape[-1])
     if node.target is aten.cat.default:
-        parts, start = [], 0
-        if not _last_dim(node, node.args[1] if len(node.args) > 1 else 0):
+        a, parts, start = bound_arguments(node), [], 0
+        if not _last_dim(node, a["dim"]):
             return "K is a cat over another dim than its last"
-        for part in node.args[0]:
+        for part in a["tensors"]:
             stop = start + _val(part).shape[-1]
             parts.append((part, start, stop))
             start = stop
         return parts
     writes = []
     while node.target is aten.slice_scatter.default:
-        base, src, dim, start, end, step = (*node.args, *[None] * (6 - len(node.args)))[:6]
-        if not _last_dim(node, dim) or step not in (None, 1) or not isinstance(start, int):
-            return "K is written with a slice_scatter over another dim than its last"
+        a = bound_arguments(node)
+        start, end = a["start"] or 0, a["end"]
+        if not _last_dim(node, a["dim"]) or a["step"] != 1 or start not in range(width or 0) \
+                or not (end is None or isinstance(end, int)):
+            return "K is written by a slice_scatter that is no range of its last dim"
         end = width if end is None or end >= sys.maxsize else end
+        src = a["src"]
         if src.target is aten.copy.default:  # copy_(view, value): the value, broadcast
             view, src = src.args[:2]
-            if (view.target is not aten.slice.Tensor or view.args[0] is not base
-                    or view.args[1:4] != node.args[2:5]):
+            if not _same_slice(view, a):
                 return "K's copy_ writes another slice than the one scattered"
             if _val(src).dtype != _val(node).dtype:
                 return "a part of K is cast as it is copied in"
         writes.append((src, start, end))
-        node = base
+        node = a["self"]
     if node.target not in (aten.new_empty.default, aten.empty.memory_format) or not writes:
         return "K is neither a cat nor written column by column into an empty tensor"
     writes.sort(key=lambda w: w[1])
@@ -223,6 +236,16 @@ def _written_columns(node: fx.Node) -> list[tuple[fx.Node, int, int]] | str:
                     f"{'twice' if start < covered else 'never'}")
         covered = stop
     return writes if covered == width else f"K's columns [{covered}, {width}) are never written"
+
+
+def _same_slice(view: fx.Node, scatter: dict) -> bool:
+    """Whether `view` is the slice of the tensor a slice_scatter (its bound arguments) writes
+    into that it writes."""
+    if view.target is not aten.slice.Tensor:
+        return False
+    v = bound_arguments(view)
+    return v["self"] is scatter["self"] and all(v[k] == scatter[k]
+                                                 for k in ("dim", "start", "end", "step"))
 
 
 def _shared_rope(node: fx.Node, heads: int) -> fx.Node | str:
@@ -432,6 +455,9 @@ def _cost_problem(p: Plan, keys: object, ctx) -> str | None:
 
 
 def check(m: Match, ctx) -> str | None:
+    if ctx.training:  # the attention pass leaves training graphs' attention alone today
+        return ("a graph that computes gradients: the latent attention ops have no backward; "
+                "left in the expanded form")
     result = plan(m, ctx)
     return result if isinstance(result, str) else None
 

@@ -20,14 +20,14 @@ class MLAStep(nn.Module):
     """Queries of `x` over the past latent and rotary key plus its own, DeepSeek-style. `form`
     picks how K and attention are written; the near misses change one thing each."""
 
-    def __init__(self, form: str = "copy", bias: bool = False):
+    def __init__(self, form: str = "copy", bias: bool = False, value: int = VALUE):
         super().__init__()
-        self.form = form
+        self.form, self.value = form, value
         rope_heads = HEADS if form == "rope per head" else 1
         self.q_proj = nn.Linear(HIDDEN, HEADS * (NOPE + ROPE), bias=False)
         self.kv_a = nn.Linear(HIDDEN, RANK + rope_heads * ROPE, bias=False)
-        self.kv_b = nn.Linear(RANK, HEADS * (NOPE + VALUE), bias=bias)
-        self.o_proj = nn.Linear(HEADS * VALUE, HIDDEN, bias=False)
+        self.kv_b = nn.Linear(RANK, HEADS * (NOPE + value), bias=bias)
+        self.o_proj = nn.Linear(HEADS * value, HIDDEN, bias=False)
         self.scale = 0.1234  # DeepSeek's yarn mscale makes it anything: it is read, not assumed
 
     def forward(self, x, c_past, r_past, mask):
@@ -40,10 +40,10 @@ class MLAStep(nn.Module):
                        r.view(b, lq, -1, ROPE).transpose(1, 2)), 2)
         lk = c.shape[2]
         if self.form == "heads last":
-            kv = self.kv_b(c).view(b, lk, NOPE + VALUE, HEADS).permute(0, 3, 1, 2)
+            kv = self.kv_b(c).view(b, lk, NOPE + self.value, HEADS).permute(0, 3, 1, 2)
         else:
-            kv = self.kv_b(c).view(b, lk, HEADS, NOPE + VALUE).transpose(1, 2)
-        k_nope, v = torch.split(kv, [NOPE, VALUE], -1)
+            kv = self.kv_b(c).view(b, lk, HEADS, NOPE + self.value).transpose(1, 2)
+        k_nope, v = torch.split(kv, [NOPE, self.value], -1)
         if self.form == "nope offset":  # K's nope columns overlap V's
             k_nope = kv[..., 2:NOPE + 2]
         q = torch.cat((q_nope, q_rot), -1)
@@ -166,3 +166,4 @@ def test_kv_b_proj_is_absorbed_before_quantization():
     assert report.counts["w4a16_linear"] == 3  # q_proj, kv_a, o_proj
     after = "\n".join(report.passes[-1].after)
     assert "attnopt.latent_attention(" in after and after.count("aten.mm(") == 0
+
