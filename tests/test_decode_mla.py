@@ -127,16 +127,30 @@ def test_latent_cache_size_and_no_recompiles():
     assert counters["stats"]["unique_graphs"] == 2
 
 
-def test_sdpa_prefill_is_absorbed_and_tokens_equal_eager():
-    # SDPA on CPU decomposes attention whose value head dim differs from the key's into its
-    # math form (q and K each scaled by √scale): the attention pass's batched rule reads it
-    # for a prefill, and the mla pass folds K's factor into the scale.
+def test_sdpa_prefill_into_an_empty_cache_is_absorbed():
+    # Without padding, transformers' SDPA prefill drops the mask and cuts K/V to the new
+    # tokens with is_causal: the paged op's causal mode over each sequence's length. On CPU
+    # SDPA decomposes attention whose value head dim differs from the key's into its math
+    # form (q and K each scaled by √scale), which the mla pass folds into the scale.
     model = build("v3", attn="sdpa")
-    inputs = prompts(2, 6, pad=2)
+    inputs = prompts(2, 6, pad=0)
     want = generate(model, inputs)
     assert torch.equal(generate(compiled(model), inputs, latent_cache(model)), want)
     prefill = attnopt.reports()[0]
     assert prefill.pass_record("mla").rewrites == LAYERS
+    calls = [line for line in prefill.passes[-1].after if "paged_latent_attention(" in line]
+    assert len(calls) == LAYERS and all(", True, 'auto', None, None, None)" in line
+                                        for line in calls)
+
+
+def test_int8_latent_cache_compiled_matches_int8_cache_eager():
+    # int8 latent and rope key, one float32 scale per token: the compiled absorbed read
+    # dequantizes as the eager gather does.
+    model = build("v3")
+    inputs = prompts(2, 6, pad=2)
+    want = generate(model, inputs, latent_cache(model, int8=True))
+    assert torch.equal(generate(compiled(model), inputs, latent_cache(model, int8=True)), want)
+    assert all(r.counts["kv_cache"] == LAYERS for r in attnopt.reports())
 
 
 def test_triton_kernel_gives_eager_tokens():

@@ -248,7 +248,7 @@ def _same_slice(view: fx.Node, scatter: dict) -> bool:
                                                  for k in ("dim", "start", "end", "step"))
 
 
-def _shared_rope(node: fx.Node, heads: int) -> fx.Node | str:
+def _shared_rope(node: fx.Node) -> fx.Node | str:
     """The one rotary key [B, 1, L, P] behind K's rope columns: itself, or expanded over the
     heads (copy_ broadcasts as expand does)."""
     while node.target in (aten.expand.default, aten.alias.default):
@@ -282,6 +282,17 @@ class Expansion:
     heads: int
 
 
+def _transposed_matrix(node: fx.Node) -> bool:
+    """Whether `node` is Wᵀ of a 2-D W: t(W), transpose(W, 0, 1) or permute(W, [1, 0])."""
+    if node.op != "call_function" or _val(node.args[0]).dim() != 2:
+        return False
+    if node.target is aten.t.default:
+        return True
+    if node.target is aten.transpose.int:
+        return node.args[1] % 2 != node.args[2] % 2
+    return node.target is aten.permute.default and [d % 2 for d in node.args[1]] == [1, 0]
+
+
 def _expansion(kv: fx.Node, head_width: int) -> Expansion | str:
     """Prove that kv [B, H, L, n + v] is the latent's rows times Wᵀ with the output features
     split head-major: mm(latent.view(B·L, R), t(W)), viewed back and transposed."""
@@ -293,8 +304,7 @@ def _expansion(kv: fx.Node, head_width: int) -> Expansion | str:
     if mm.target is not aten.mm.default:
         return f"K/V are not a linear projection of the latent ({mm.name} is {mm.target})"
     rows, weight_t = mm.args
-    if weight_t.target not in (aten.t.default, aten.transpose.int, aten.permute.default) \
-            or _val(weight_t.args[0]).dim() != 2:
+    if not _transposed_matrix(weight_t):
         return "kv_b_proj's weight is not a transposed 2-D tensor"
     weight = weight_t.args[0]
     out_features, rank = _val(weight).shape
@@ -384,7 +394,7 @@ def plan(m: Match, ctx) -> Plan | str:
     expansion = _expansion(kv, width)
     if isinstance(expansion, str):
         return expansion
-    rope_key = _shared_rope(rope_part, expansion.heads)
+    rope_key = _shared_rope(rope_part)
     if isinstance(rope_key, str):
         return rope_key
     q, latent = _val(m["q"]), _val(expansion.latent)
@@ -404,6 +414,9 @@ def plan(m: Match, ctx) -> Plan | str:
     paged = _paged(expansion.latent, rope_key)
     if paged is not None and (reason := _paged_problem(m, k_cut is not None, _val(m["k"]))):
         return reason
+    if paged is not None and _val(paged.ckv_pool).dtype not in (q.dtype, torch.int8):
+        return (f"the cache's pools are {_val(paged.ckv_pool).dtype} and the queries "
+                f"{q.dtype}")
     result = Plan(m["q"], nope, rope, width - nope, expansion, rope_key, paged, k_cut,
                   m["scale"] * factor)
     return _cost_problem(result, _val(m["k"]).shape[2], ctx) or result
