@@ -65,6 +65,16 @@ widely in range (a few outlier heads would cost the others their precision). The
 dequantize: code · scale, rounded to the model dtype (`reference.dequantize_kv`), in registers
 in the kernel.
 
+Multi-head latent attention (DeepSeek-V2/V3: a config with `kv_lora_rank`). transformers'
+DeepSeek attention hands the cache its compressed latent c_kv [B, 1, L, kv_lora_rank] as K and
+its shared rotary key [B, 1, L, qk_rope_head_dim] as V, so each layer's pools are one "head" of
+kv_lora_rank and of qk_rope_head_dim: kv_lora_rank + qk_rope_head_dim numbers per token (576
+for DeepSeek-V3, against 2 · 128 heads · 128 for the expanded K/V), allocated up front from
+such a config too (`cached_shape`). Uncompiled, the model expands the gathered latent through
+kv_b_proj as it always does; compiled, the mla pass (`attnopt/passes/mla.py`) absorbs kv_b_proj
+into the query and the output and reads the pools in place with
+`attnopt::paged_latent_attention`.
+
 Not supported (NotImplementedError): beam search (reordering or repeating sequences would need
 copy-on-write block sharing), layer types other than (sliding-window or chunked) softmax
 attention, offloading. Sliding-window layers keep their whole history: still exact, since the
@@ -408,12 +418,14 @@ class PagedKVCache(Cache):
             if config is None:
                 raise ValueError("PagedKVCache(batch_size=...) allocates from the config's KV "
                                  "heads and head dim: pass the model's config too")
-            heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-            head_dim = (getattr(config, "head_dim", None)
-                        or config.hidden_size // config.num_attention_heads)
-            self.early_initialization(batch_size, heads, head_dim,
-                                      dtype or torch.get_default_dtype(),
-                                      torch.device(device or "cpu"))
+            heads, k_dim, v_dim = cached_shape(config)
+            dtype, device = dtype or torch.get_default_dtype(), torch.device(device or "cpu")
+            # Not Cache.early_initialization, which gives K and V one head dim: an MLA layer's
+            # latent and rotary key differ.
+            for layer in self.layers:
+                layer.lazy_initialization(
+                    torch.zeros((batch_size, heads, 0, k_dim), dtype=dtype, device=device),
+                    torch.zeros((batch_size, heads, 0, v_dim), dtype=dtype, device=device))
 
     def __repr__(self):
         return (f"PagedKVCache(layers={len(self.layers)}, block_size={self.block_size}, "
@@ -565,6 +577,21 @@ class PagedKVCache(Cache):
 
     def batch_select_indices(self, indices: Tensor) -> None:
         raise NotImplementedError("PagedKVCache does not support selecting sequences yet")
+
+
+def cached_shape(config) -> tuple[int, int, int]:
+    """(heads, K width, V width) of what one token of one layer of `config`'s model hands to
+    the cache: its KV heads and head dim for K and V; for multi-head latent attention
+    (DeepSeek-V2/V3 and their descendants: a config with `kv_lora_rank`) one head holding the
+    latent (kv_lora_rank wide) as K and the rotary key (qk_rope_head_dim) as V, as
+    transformers' `DeepseekV3Attention` passes them to `update`."""
+    config = config.get_text_config(decoder=True)
+    if getattr(config, "kv_lora_rank", None):
+        return 1, config.kv_lora_rank, config.qk_rope_head_dim
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = (getattr(config, "head_dim", None)
+                or config.hidden_size // config.num_attention_heads)
+    return heads, head_dim, head_dim
 
 
 def _name(dtype: torch.dtype) -> str:

@@ -15,9 +15,21 @@ of graphs Dynamo compiled for the whole run, all lengths (prefill graphs include
 add none as the context grows. "cache MiB" / "ideal MiB" compare what each cache holds after
 the timed steps with exactly what its tokens take.
 
+"bytes/token" is what one cached token takes in one layer.
+
     python -m benchmarks.decode                   # CPU: a small Llama, contexts up to 2k
     python -m benchmarks.decode --model 1b        # GPU: a 1B-class Llama, contexts up to 32k
+    python -m benchmarks.decode --model mla       # DeepSeek-V3 attention (MLA), 4 layers
     python -m benchmarks.decode --quick           # two short contexts, a check that it runs
+
+`--model mla` is DeepSeek-V3's attention at full width (16 of its 128 heads, kv_lora_rank 512,
+rope 64, nope and value 128, q_lora_rank 384 here; MLPs dense and small). Every method caches
+the latent (transformers' DeepSeek does too: 576 numbers per token and layer); they differ in
+what a step does with it: eager and static+compile expand every cached token through kv_b_proj
+into per-head K/V, attnopt absorbs kv_b_proj and reads the latent pools in place
+(`attnopt::paged_latent_attention`). Its attention is transformers' "eager" implementation,
+which the attention pass reads at one query on CPU (SDPA's CPU decomposition of a value head
+dim other than the key's, at one query, is not matched yet).
 """
 
 from __future__ import annotations
@@ -36,12 +48,20 @@ from attnopt.cache import PagedKVCache
 from attnopt.compat import with_cache
 from benchmarks.common import write_table
 
-# name: LlamaConfig fields. "1b" is TinyLlama-1.1B's shape (GQA 32/4, head dim 64).
+# name: (config class, its fields). "1b" is TinyLlama-1.1B's shape (GQA 32/4, head dim 64);
+# "mla" DeepSeek-V3's attention with 16 heads (see the module doc).
 MODELS = {
-    "small": dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=4,
-                  num_attention_heads=8, num_key_value_heads=2),
-    "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
-               num_attention_heads=32, num_key_value_heads=4),
+    "small": (transformers.LlamaConfig, dict(
+        hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=8,
+        num_key_value_heads=2, attn_implementation="sdpa")),
+    "1b": (transformers.LlamaConfig, dict(
+        hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+        num_key_value_heads=4, attn_implementation="sdpa")),
+    "mla": (transformers.DeepseekV3Config, dict(
+        hidden_size=1024, intermediate_size=2048, num_hidden_layers=4, num_attention_heads=16,
+        num_key_value_heads=16, kv_lora_rank=512, q_lora_rank=384, qk_rope_head_dim=64,
+        qk_nope_head_dim=128, v_head_dim=128, first_k_dense_replace=4,
+        attn_implementation="eager")),
 }
 CPU_CONTEXTS = (128, 512, 1024, 2048)
 GPU_CONTEXTS = (1024, 4096, 8192, 16384, 32768)
@@ -49,10 +69,11 @@ METHODS = ("eager", "static+compile", "attnopt")
 
 
 def build(name: str, max_positions: int, dtype: torch.dtype, device: str) -> torch.nn.Module:
-    config = transformers.LlamaConfig(vocab_size=32000, max_position_embeddings=max_positions,
-                                      attn_implementation="sdpa", **MODELS[name])
+    config_class, fields = MODELS[name]
+    config = config_class(vocab_size=32000, max_position_embeddings=max_positions, **fields)
     torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(config).to(device=device, dtype=dtype).eval()
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    return model.to(device=device, dtype=dtype).eval()
 
 
 def runner(method: str, model: torch.nn.Module, capacity: int, batch: int) -> tuple[
@@ -95,15 +116,18 @@ def decode(forward: Callable, cache: transformers.Cache, tokens: torch.Tensor, c
     return times, logits
 
 
-def cache_bytes(cache: transformers.Cache) -> tuple[float, float]:
-    """(held, ideal) MiB: what the cache holds and what exactly its tokens take."""
+def cache_bytes(cache: transformers.Cache) -> tuple[float, float, int]:
+    """(held, ideal) MiB: what the cache holds and what exactly its tokens take; and the bytes
+    one token takes in one layer."""
     if isinstance(cache, PagedKVCache):
-        return cache.bytes_allocated() / 2**20, cache.bytes_ideal() / 2**20
+        per_token = cache._bytes_per_token(cache.layers[0])
+        return cache.bytes_allocated() / 2**20, cache.bytes_ideal() / 2**20, per_token
     held = sum(t.nbytes for layer in cache.layers for t in (layer.keys, layer.values))
     length = int(cache.get_seq_length())
-    per_token = sum(t[:, :, :1].nbytes for layer in cache.layers
-                    for t in (layer.keys, layer.values))
-    return held / 2**20, length * per_token / 2**20
+    per_token = sum(t[0, :, :1].nbytes for layer in cache.layers
+                    for t in (layer.keys, layer.values)) // len(cache.layers)
+    batch = cache.layers[0].keys.shape[0]
+    return held / 2**20, batch * length * per_token * len(cache.layers) / 2**20, per_token
 
 
 def main() -> None:
@@ -128,7 +152,7 @@ def main() -> None:
 
     results: dict[str, dict[int, tuple[float, list[torch.Tensor]]]] = {}
     graphs: dict[str, int] = {}
-    memory: dict[tuple[str, int], tuple[float, float]] = {}
+    memory: dict[tuple[str, int], tuple[float, float, int]] = {}
     for method in METHODS:
         torch._dynamo.reset()
         counters.clear()
@@ -159,10 +183,12 @@ def main() -> None:
                 "graphs": graphs[method] if context == contexts[-1] else "",
                 "cache MiB": memory[method, context][0],
                 "ideal MiB": memory[method, context][1],
+                "bytes/token": memory[method, context][2],
             })
     columns = ["context", "method", "ms/token", "tokens/s", "vs eager", "vs static+compile",
-               "max |Δlogit|", "graphs", "cache MiB", "ideal MiB"]
-    title = f"decode, Llama {name}, batch {args.batch}, {str(dtype).removeprefix('torch.')}"
+               "max |Δlogit|", "graphs", "cache MiB", "ideal MiB", "bytes/token"]
+    kind = "DeepSeek-V3 MLA" if name == "mla" else "Llama"
+    title = f"decode, {kind} {name}, batch {args.batch}, {str(dtype).removeprefix('torch.')}"
     print(write_table(title, rows, columns, args.out))
 
 

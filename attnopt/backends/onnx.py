@@ -21,6 +21,10 @@ CPU provider against `backends/reference.py` by tests/backends/test_onnx.py):
   ours, bottom-right over the P + Lk present keys, when the new keys are as many as the queries,
   so the flag is set when that is known at export and the mask is built otherwise, as for
   `attention`. The mask must span the present keys ([..., Lq, P + Lk]; the same expansion).
+- `attnopt::latent_attention` (MLA decoded from its latent) -> standard ops: two MatMuls for
+  the scores against the one latent head (broadcast over the query heads), the mask and causal
+  band as Where/Add, Softmax with rows that see no key set to 0, and a MatMul by the latent
+  (see the function for why not `Attention`).
 - `attnopt::softmax` -> `Softmax` over the one axis, with its pre-ops as Mul / Add / Where and
   the fp32 upcast and cast back as Casts, in the order `reference.softmax` applies them.
 - `attnopt::w4a16_linear` -> ORT's `com.microsoft::MatMulNBits` (bits=4). Our packed weight
@@ -228,6 +232,36 @@ def attention_with_past(q: Tensor, k: Tensor, v: Tensor, past_k: Tensor, past_v:
                                                    past_v)
     return out, present_k, present_v
 
+
+def latent_attention(q_lat: Tensor, q_rot: Tensor, c_kv: Tensor, k_rot: Tensor,
+                     mask: Tensor | None, is_causal: bool, scale: float, impl: str = "auto"
+                     ) -> Tensor:
+    """MLA in the absorbed form (`reference.latent_attention`) as standard ops, in the
+    reference's precision (fp32, fp64 for fp64): scores q_lat · c_kvᵀ + q_rot · k_rotᵀ, two
+    MatMuls that broadcast the one latent head over the query heads (nothing is concatenated
+    or repeated per head), then the mask, the bottom-right causal band, Softmax with rows that
+    see no key set to 0, and the probabilities times c_kv. Not ORT's `Attention`: its query and
+    key would be Concats of the rotary parts onto q_lat and onto the whole latent, a copy of
+    the cache per step."""
+    compute = _compute_type(q_lat.dtype)
+    scores = op.Add(op.MatMul(_cast(q_lat, compute), op.Transpose(_cast(c_kv, compute),
+                                                                  perm=[0, 1, 3, 2])),
+                    op.MatMul(_cast(q_rot, compute), op.Transpose(_cast(k_rot, compute),
+                                                                  perm=[0, 1, 3, 2])))
+    scores = op.Mul(scores, _scalar(scale, compute))
+    minus_inf = _scalar(-math.inf, compute)
+    if mask is not None:
+        scores = (op.Where(mask, scores, minus_inf) if mask.dtype == ir.DataType.BOOL
+                  else op.Add(scores, _cast(mask, compute)))
+    if is_causal:
+        scores = op.Where(_bottom_right_causal(_length(q_lat), _length(c_kv)), scores,
+                          minus_inf)
+    probs = op.Softmax(scores, axis=-1)
+    blind = op.Equal(op.ReduceMax(scores, _ints(-1), keepdims=1), minus_inf)  # sees no key
+    out = op.MatMul(op.Where(blind, _scalar(0.0, compute), probs), _cast(c_kv, compute))
+    return out if q_lat.dtype == compute else op.Cast(out, to=q_lat.dtype)
+
+
 # --- w4a16 linear ----------------------------------------------------------------------------
 
 
@@ -425,6 +459,7 @@ TRANSLATIONS = {
     torch.ops.attnopt.softmax.default: softmax,
     torch.ops.attnopt.attention.default: attention,
     torch.ops.attnopt.attention_with_past.default: attention_with_past,
+    torch.ops.attnopt.latent_attention.default: latent_attention,
     torch.ops.attnopt.w4a16_linear.default: w4a16_linear,
     torch.ops.attnopt.moe.default: moe,
     torch.ops.attnopt.moe_w4a16.default: moe_w4a16,

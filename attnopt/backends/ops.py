@@ -623,3 +623,150 @@ def _(q, k, v, past_k, past_v, mask, is_causal, scale, impl="auto"):
     present_k = k.new_empty((*k.shape[:2], past_k.shape[2] + k.shape[2], k.shape[3]))
     present_v = v.new_empty((*v.shape[:2], past_v.shape[2] + v.shape[2], v.shape[3]))
     return q.new_empty((*q.shape[:-1], v.shape[-1])), present_k, present_v
+
+
+# --- multi-head latent attention (MLA decoded from its latent) -----------------------------------
+
+
+@torch.library.custom_op("attnopt::latent_attention", mutates_args=())
+def latent_attention(
+    q_lat: Tensor,
+    q_rot: Tensor,
+    c_kv: Tensor,
+    k_rot: Tensor,
+    mask: Tensor | None,
+    is_causal: bool,
+    scale: float,
+    impl: str = "auto",
+) -> Tensor:
+    """softmax((q_lat · c_kvᵀ + q_rot · k_rotᵀ) · scale + mask) · c_kv over a contiguous latent
+    c_kv [B, 1, Lk, R] and rotary key k_rot [B, 1, Lk, P], for q_lat [B, H, Lq, R] and q_rot
+    [B, H, Lq, P]: DeepSeek's MLA in the absorbed form, every query head reading the one latent
+    head; `reference.latent_attention`. The Triton path is the paged kernel reading the latent
+    as one block per sequence. Inference only: no autograd formula."""
+    if _use_triton(impl, q_lat):
+        from attnopt.backends.triton import latent_attention as kernel
+
+        return kernel.latent_attention(q_lat, q_rot, c_kv, k_rot, mask, is_causal, scale)
+    if impl == "reference":
+        return reference.latent_attention(q_lat, q_rot, c_kv, k_rot, mask, is_causal, scale)
+    reference.check_latent_attention(q_lat, q_rot, c_kv, k_rot)
+    if not _all_finite(q_lat, q_rot, c_kv, k_rot):
+        return reference.latent_attention(q_lat, q_rot, c_kv, k_rot, mask, is_causal, scale)
+    lq, lk = q_lat.shape[2], c_kv.shape[2]
+    if is_causal:
+        keep = torch.ones(lq, lk, dtype=torch.bool, device=q_lat.device).tril(lk - lq)
+        mask = keep if mask is None else (
+            mask & keep if mask.dtype == torch.bool else mask.masked_fill(~keep, -math.inf))
+    return _latent_sdpa(q_lat, q_rot, c_kv, k_rot, mask, scale)
+
+
+def _latent_sdpa(q_lat: Tensor, q_rot: Tensor, c_kv: Tensor, k_rot: Tensor,
+                 mask: Tensor | None, scale: float) -> Tensor:
+    """The CPU paths' attention over the latent: one SDPA call with the H query heads folded
+    into the query rows ([B, 1, H · Lq, R + P] against the single latent head), so that neither
+    the latent nor the scores are repeated per head (SDPA's enable_gqa would copy the keys H
+    times); `mask` (broadcasting to [B, H, Lq, Lk]) folded the same way. Rows left with no key
+    come out of SDPA as 0, as `reference.attention` gives them."""
+    b, h, lq, rank = q_lat.shape
+    lk = c_kv.shape[2]
+    dtype = _sdpa_dtype(q_lat, mask)
+    q = torch.cat((q_lat, q_rot), -1).to(dtype).reshape(b, 1, h * lq, -1)
+    k = torch.cat((c_kv, k_rot), -1).to(dtype)
+    if mask is not None:
+        mask = mask.expand(b, h, lq, lk).reshape(b, 1, h * lq, lk)
+        mask = mask if mask.dtype == torch.bool else mask.to(dtype)
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, c_kv.to(dtype), attn_mask=mask,
+                                                           scale=scale)
+    return out.view(b, h, lq, rank).to(q_lat.dtype).contiguous()
+
+
+@latent_attention.register_fake
+def _(q_lat, q_rot, c_kv, k_rot, mask, is_causal, scale, impl="auto"):
+    reference.check_latent_attention(q_lat, q_rot, c_kv, k_rot)
+    return q_lat.new_empty(q_lat.shape)
+
+
+@torch.library.custom_op("attnopt::paged_latent_attention", mutates_args=())
+def paged_latent_attention(
+    q_lat: Tensor,
+    q_rot: Tensor,
+    ckv_pool: Tensor,
+    krot_pool: Tensor,
+    block_table: Tensor,
+    seq_lens: Tensor,
+    scale: float,
+    is_causal: bool = True,
+    impl: str = "auto",
+    ckv_scale: Tensor | None = None,
+    krot_scale: Tensor | None = None,
+    mask: Tensor | None = None,
+) -> Tensor:
+    """`latent_attention` over a paged latent cache read in place: ckv_pool [num_blocks,
+    block_size, 1, R] and krot_pool [num_blocks, block_size, 1, P] (a `PagedKVCache` layer of an
+    MLA model) through block_table [B, max_blocks] and seq_lens [B], with `paged_attention`'s
+    causal, mask and int8 conventions; `reference.paged_latent_attention`. The Triton path is
+    split-KV flash decoding over the latent (`triton.latent_attention`), each latent tile read
+    once as key and as value for every query head. Inference only: no autograd formula."""
+    if _use_triton(impl, q_lat):
+        from attnopt.backends.triton import latent_attention as kernel
+
+        return kernel.paged_latent_attention(q_lat, q_rot, ckv_pool, krot_pool, block_table,
+                                             seq_lens, scale, is_causal, ckv_scale, krot_scale,
+                                             mask)
+    if impl == "reference":
+        return reference.paged_latent_attention(q_lat, q_rot, ckv_pool, krot_pool, block_table,
+                                                seq_lens, scale, is_causal, ckv_scale,
+                                                krot_scale, mask)
+    return _paged_latent_attention_cpu(q_lat, q_rot, ckv_pool, krot_pool, block_table, seq_lens,
+                                       scale, is_causal, ckv_scale, krot_scale, mask)
+
+
+def _paged_latent_attention_cpu(q_lat, q_rot, ckv_pool, krot_pool, block_table, seq_lens, scale,
+                                is_causal, ckv_scale, krot_scale, mask) -> Tensor:
+    """The latent and rotary key gathered out of the blocks up to the longest sequence, then
+    `_latent_sdpa` with the ragged lengths and the bottom-right causal part folded into the
+    model's mask, as `_paged_attention_cpu` does for K/V."""
+    reference.check_paged_latent_attention(q_lat, q_rot, ckv_pool, krot_pool, block_table,
+                                           seq_lens, ckv_scale, krot_scale, mask)
+    b, _, lq, _ = q_lat.shape
+    block_size = ckv_pool.shape[1]
+    lens = seq_lens.to(device=q_lat.device, dtype=torch.int64)
+    lk_max = int(lens.max()) if b else 0
+    if lk_max == 0 or q_lat.numel() == 0:
+        return q_lat.new_zeros(q_lat.shape)
+    nb = -(-lk_max // block_size)
+    # Entries past a sequence's length may hold anything: point them at block 0 (masked out).
+    used = torch.arange(nb, device=q_lat.device) * block_size < lens[:, None]
+    ids = torch.where(used, block_table[:, :nb].long(), 0)
+
+    def gather(pool, pool_scale):  # [B, 1, nb · block_size, width] in q's dtype
+        x = _blocks(pool, ids)
+        if pool_scale is not None:
+            x = reference.dequantize_kv(x, _blocks(pool_scale, ids), q_lat.dtype)
+        return x.to(q_lat.dtype).transpose(1, 2)
+
+    c_kv, k_rot = gather(ckv_pool, ckv_scale), gather(krot_pool, krot_scale)
+    if not _all_finite(q_lat, q_rot, c_kv, k_rot):  # stale blocks are never read: see `ids`
+        return reference.paged_latent_attention(q_lat, q_rot, ckv_pool, krot_pool, block_table,
+                                                seq_lens, scale, is_causal, ckv_scale,
+                                                krot_scale, mask)
+    keys = torch.arange(nb * block_size, device=q_lat.device)
+    keep = keys < lens[:, None, None]  # [B, 1, Lk]
+    if is_causal:
+        last = lens[:, None, None] - lq + torch.arange(lq, device=q_lat.device)[:, None]
+        keep = keep & (keys <= last)  # [B, Lq, Lk]
+    attn_mask = keep[:, None]
+    if mask is not None:
+        mask = mask[..., :nb * block_size]
+        attn_mask = (attn_mask & mask if mask.dtype == torch.bool
+                     else torch.where(attn_mask, mask.to(_sdpa_dtype(q_lat, mask)), -math.inf))
+    return _latent_sdpa(q_lat, q_rot, c_kv, k_rot, attn_mask, scale)
+
+
+@paged_latent_attention.register_fake
+def _(q_lat, q_rot, ckv_pool, krot_pool, block_table, seq_lens, scale, is_causal=True,
+      impl="auto", ckv_scale=None, krot_scale=None, mask=None):
+    reference.check_paged_latent_attention(q_lat, q_rot, ckv_pool, krot_pool, block_table,
+                                           seq_lens, ckv_scale, krot_scale, mask)
+    return q_lat.new_empty(q_lat.shape)

@@ -621,3 +621,128 @@ def attention_with_past(
     """
     present_k, present_v = torch.cat((past_k, k), 2), torch.cat((past_v, v), 2)
     return attention(q, present_k, present_v, mask, is_causal, scale), present_k, present_v
+
+
+# --- multi-head latent attention (DeepSeek's MLA, absorbed form) ------------------------------
+
+
+def latent_attention(
+    q_lat: Tensor,
+    q_rot: Tensor,
+    c_kv: Tensor,
+    k_rot: Tensor,
+    mask: Tensor | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+) -> Tensor:
+    """Multi-head latent attention in the absorbed form, over a latent that is its own value:
+
+        out_lat = softmax((q_lat · c_kvᵀ + q_rot · k_rotᵀ) · scale + mask) · c_kv
+
+    over q_lat [B, H, Lq, R] (the queries already in latent space: q_nope · W_UK per head),
+    q_rot [B, H, Lq, P] (their rotary part), c_kv [B, 1, Lk, R] (the cached latent, one
+    "KV head" every query head reads) and k_rot [B, 1, Lk, P] (the shared rotary key). That is
+    `attention(cat(q_lat, q_rot), cat(c_kv, k_rot), c_kv, mask, is_causal, scale)` — MQA whose
+    keys are [c_kv | k_rot] and whose values are c_kv, the same storage — so masks, the
+    bottom-right causal flag, rows that see no key (0) and the compute precision (fp32, fp64
+    for fp64) are `attention`'s. The result is contiguous [B, H, Lq, R] in q_lat's dtype.
+
+    Why this is MLA: with keys k_h = [c · W_UK[h]ᵀ | k_rot] and values v_h = c · W_UV[h]ᵀ (the
+    per-head expansion through kv_b_proj), q_h · k_hᵀ = (q_nope,h · W_UK[h]) · cᵀ + q_rot,h ·
+    k_rotᵀ and softmax(·) · v_h = (softmax(·) · c) · W_UV[h]ᵀ: the same numbers, reassociated.
+    So out_h = out_lat,h · W_UV[h]ᵀ is what attention over the expanded K/V gives, exactly up to
+    rounding, while per cached token only R + P numbers are read.
+    """
+    check_latent_attention(q_lat, q_rot, c_kv, k_rot)
+    return attention(torch.cat((q_lat, q_rot), -1), torch.cat((c_kv, k_rot), -1), c_kv, mask,
+                     is_causal, scale)
+
+
+def check_latent_attention(q_lat: Tensor, q_rot: Tensor, c_kv: Tensor, k_rot: Tensor) -> None:
+    """The checks of `latent_attention` that need no look at the data (every path runs them)."""
+    if q_lat.dim() != 4 or q_rot.dim() != 4 or q_lat.shape[:3] != q_rot.shape[:3]:
+        raise ValueError(f"latent_attention takes q_lat [B, H, Lq, R] and q_rot [B, H, Lq, P], "
+                         f"got {tuple(q_lat.shape)} and {tuple(q_rot.shape)}")
+    b, _, _, rank = q_lat.shape
+    want = [(b, 1, None, rank), (b, 1, None, q_rot.shape[3])]
+    for name, t, (wb, wh, _, wd) in (("c_kv", c_kv, want[0]), ("k_rot", k_rot, want[1])):
+        if t.dim() != 4 or t.shape[0] != wb or t.shape[1] != wh or t.shape[3] != wd:
+            raise ValueError(f"{name} must be [B={wb}, 1, Lk, {wd}] (one latent head shared by "
+                             f"every query head), got {tuple(t.shape)}")
+    if c_kv.shape[2] != k_rot.shape[2]:
+        raise ValueError(f"c_kv and k_rot must hold the same tokens, got {c_kv.shape[2]} and "
+                         f"{k_rot.shape[2]}")
+    dtypes = {q_lat.dtype, q_rot.dtype, c_kv.dtype, k_rot.dtype}
+    if len(dtypes) != 1 or not q_lat.is_floating_point():
+        raise ValueError(f"latent_attention's operands must share one floating dtype, got "
+                         f"{sorted(map(str, dtypes))}")
+
+
+def check_paged_latent_attention(q_lat: Tensor, q_rot: Tensor, ckv_pool: Tensor,
+                                 krot_pool: Tensor, block_table: Tensor, seq_lens: Tensor,
+                                 ckv_scale: Tensor | None = None,
+                                 krot_scale: Tensor | None = None,
+                                 mask: Tensor | None = None) -> None:
+    """The data-free checks of `paged_latent_attention`: q_rot and the rope pool fit q_lat and
+    the latent pool, which hold one head; then `check_paged_attention`'s, on stand-ins of the
+    concatenated query and key (views of one element: nothing is allocated)."""
+    if q_lat.dim() != 4 or q_rot.dim() != 4 or q_lat.shape[:3] != q_rot.shape[:3]:
+        raise ValueError(f"paged_latent_attention takes q_lat [B, H, Lq, R] and q_rot "
+                         f"[B, H, Lq, P], got {tuple(q_lat.shape)} and {tuple(q_rot.shape)}")
+    if q_rot.dtype != q_lat.dtype:
+        raise ValueError(f"q_lat and q_rot must share one dtype, got {q_lat.dtype} and "
+                         f"{q_rot.dtype}")
+    rank, rope = q_lat.shape[3], q_rot.shape[3]
+    for name, pool, width in (("ckv_pool", ckv_pool, rank), ("krot_pool", krot_pool, rope)):
+        if pool.dim() != 4 or pool.shape[2] != 1 or pool.shape[3] != width:
+            raise ValueError(f"{name} must be [num_blocks, block_size, 1, {width}] (one latent "
+                             f"head), got {tuple(pool.shape)}")
+    if ckv_pool.shape[:2] != krot_pool.shape[:2] or ckv_pool.dtype != krot_pool.dtype:
+        raise ValueError(f"ckv_pool and krot_pool must have the same blocks and dtype, got "
+                         f"{ckv_pool.dtype} {tuple(ckv_pool.shape)} and {krot_pool.dtype} "
+                         f"{tuple(krot_pool.shape)}")
+    q = q_lat.new_empty(()).expand(*q_lat.shape[:3], rank + rope)
+    k_pool = ckv_pool.new_empty(()).expand(*ckv_pool.shape[:3], rank + rope)
+    check_paged_attention(q, k_pool, ckv_pool, block_table, seq_lens, ckv_scale, krot_scale,
+                          mask)
+
+
+def paged_latent_attention(
+    q_lat: Tensor,
+    q_rot: Tensor,
+    ckv_pool: Tensor,
+    krot_pool: Tensor,
+    block_table: Tensor,
+    seq_lens: Tensor,
+    scale: float,
+    is_causal: bool = True,
+    ckv_scale: Tensor | None = None,
+    krot_scale: Tensor | None = None,
+    mask: Tensor | None = None,
+) -> Tensor:
+    """`latent_attention` over a paged latent cache, sequence by sequence: `paged_attention`'s
+    conventions with the latent as keys and values.
+
+    - ckv_pool [num_blocks, block_size, 1, R] and krot_pool [num_blocks, block_size, 1, P]:
+      one layer of `attnopt.cache.PagedKVCache` for an MLA model (its "K" is the latent, its
+      "V" the rotary key, as transformers' DeepSeek hands them to the cache). Sequence b's
+      token t is at block block_table[b, t // block_size], row t % block_size; seq_lens[b]
+      tokens are cached, the Lq new ones included. Table entries past a length are never read.
+    - `is_causal`: bottom-right against each sequence's own length; `mask` broadcasts to
+      [B, H, Lq, max_blocks · block_size] (column j: the j-th cached token), bool (True =
+      attend) or additive, applied on top of the lengths, as in `paged_attention`.
+    - int8 pools, with float32 ckv_scale and krot_scale [num_blocks, block_size, 1], stand for
+      `dequantize_kv(pool, scale, q_lat.dtype)`.
+    - Rows that see no key give 0. The result is contiguous [B, H, Lq, R] in q_lat's dtype.
+    """
+    check_paged_latent_attention(q_lat, q_rot, ckv_pool, krot_pool, block_table, seq_lens,
+                                 ckv_scale, krot_scale, mask)
+    b, h, lq, _ = q_lat.shape
+    out = q_lat.new_empty((b, h, lq, q_lat.shape[3]))
+    for i, length in enumerate(seq_lens.tolist()):
+        c = paged_kv(ckv_pool, ckv_scale, block_table[i], length, q_lat.dtype)
+        k_rot = paged_kv(krot_pool, krot_scale, block_table[i], length, q_lat.dtype)
+        m = None if mask is None else mask.expand(b, -1, -1, -1)[i:i + 1, ..., :length]
+        out[i] = latent_attention(q_lat[i:i + 1], q_rot[i:i + 1], c[None], k_rot[None], m,
+                                  is_causal, scale)[0]
+    return out

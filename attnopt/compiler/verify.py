@@ -28,6 +28,7 @@ from attnopt.backends import ops  # noqa: F401  (registers torch.ops.attnopt.*)
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}
 ATTNOPT_OPS = (torch.ops.attnopt.softmax.default, torch.ops.attnopt.attention.default,
                torch.ops.attnopt.attention_with_past.default,
+               torch.ops.attnopt.latent_attention.default,
                torch.ops.attnopt.w4a16_linear.default, torch.ops.attnopt.moe.default,
                torch.ops.attnopt.moe_w4a16.default)
 
