@@ -33,7 +33,7 @@ MATMULS = {aten.bmm.default, aten.baddbmm.default, aten.mm.default, aten.addmm.d
            aten.matmul.default}
 # What the attention patterns read through between the scores and the softmax, and between the
 # softmax and the second matmul: any other op there is why an attention-shaped softmax was not
-# taken (a tanh softcap, the cat of attention sinks, a slice after the softmax).
+# taken (a softcap spelled with a multiply, an op between the sink column and the softmax).
 _KNOWN = {aten.view.default, aten._unsafe_view.default, aten.reshape.default,
           aten.expand.default, aten.clone.default, aten.alias.default, aten.permute.default,
           aten.transpose.int, aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims,
@@ -78,10 +78,11 @@ def explain_attention(node: fx.Node) -> str | None:
                 "not a form the pass matches")
     if node.target in NATIVE_ATTENTION:
         return (f"{short_target(node)} (PyTorch's fused encoder fast path) is left as it is: "
-                "its attention is inside one ATen kernel the pass does not decompose")
+                "its outputs are read in a way the pass does not decompose (the attention "
+                "weights, say)")
     if getattr(node.target, "__name__", "") == "flex_attention":
-        return ("flex_attention is not rewritten: its score_mod/mask_mod programs are not "
-                "matched yet; the call runs as torch compiles it")
+        return ("flex_attention is left as it is: its outputs beyond the attention (the "
+                "log-sum-exp, for a backward) are read; the call runs as torch compiles it")
     if not is_softmax(node):
         return None
     scores, before = _walk([a for a in node.all_input_nodes], lambda n: n.all_input_nodes,
