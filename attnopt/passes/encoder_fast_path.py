@@ -13,7 +13,8 @@ The kernels' mask convention, read from ATen's `native_multi_head_attention`: th
 turned into a boolean with `.to(bool)` and True *drops* the key — a float mask is not added,
 every non-zero entry drops its key (the -inf of a canonical mask, and also a finite bias or a
 NaN). mask_type 1 is a key padding mask [B, L], 2 a mask per head [B, H, L, L] (broadcast),
-0 one [L, L] mask; rows left with no key give 0 (its masked softmax), as the op gives them.
+0 one [L, L] mask. A row left with no key is NaN in its masked softmax (`_masked_softmax`,
+on CPU and CUDA alike), where the op gives 0: the decomposition puts the NaN back.
 The decomposition computes the same math in another order (q·kᵀ scaled inside the op rather
 than q scaled first): equal to fp32 rounding.
 """
@@ -69,6 +70,8 @@ def _attention(query, key, value, heads, qkv_weight, qkv_bias, proj_weight, proj
             keep = keep[:, None, None, :]
     out = torch.ops.attnopt.attention(q, k, v, keep, False, 1.0 / math.sqrt(embed // heads),
                                       impl=impl)
+    if keep is not None:  # the masked softmax's NaN for a row with no key (the op gives 0)
+        out = torch.where(keep.any(-1, keepdim=True), out, math.nan)
     return F.linear(out.transpose(1, 2).flatten(2), proj_weight, proj_bias)
 
 
@@ -121,8 +124,8 @@ def check_layer(m: Match, ctx=None) -> str | None:
 
 
 def check_mha(m: Match, ctx=None) -> str | None:
-    if m["need_weights"]:
-        return "_native_multi_head_attention returns the attention weights too (need_weights)"
+    # need_weights only adds a second output; a call whose weights are read is not matched
+    # (its weights node is a user outside the match), one whose weights are dropped is.
     if val(m["key"]).shape != val(m["value"]).shape:
         return "key and value of different shapes"
     return _check(m, "query", "num_head")
