@@ -199,9 +199,10 @@ def _sdpa_mask(mask: Tensor | None, rel: Tensor, is_causal: bool, scale_dtype: t
     (j - p_i): the additive term (a bias, ALiBi or the op's float mask) with the window and
     the causal band folded in as -inf, or a boolean; None for none. SDPA adds a single mask
     to q·kᵀ·scale, so it is exact only for at most one additive term and no softcap or sink;
-    otherwise the reason it is not, for the caller to take the reference math."""
-    if mods.softcap or mods.sinks is not None:
-        return "softcap and sinks are not SDPA's"
+    otherwise the reason it is not, for the caller to take the reference math. (Sinks are
+    `_sdpa`'s.)"""
+    if mods.softcap:
+        return "a softcap is not SDPA's"
     additive = [*mods.biases, *([mask] if mask is not None and mask.dtype != torch.bool else [])]
     if mods.alibi_slopes is not None:  # computed as the reference computes it, in fp32
         additive.append(reference.alibi_bias(mods.alibi_slopes, rel, scale_dtype))
@@ -221,10 +222,10 @@ def _attention_cpu(q, k, v, mask, is_causal, scale, mods=reference.PLAIN) -> Ten
     outside the case where they agree the causal part is folded into the mask, as is a window
     (a band of keys, -inf outside) and ALiBi (its bias computed as the reference does).
 
-    SDPA adds one mask to the scores: what it cannot compute exactly — a softcap, sinks, or
-    more than one additive term (a bias and a float mask: SDPA would add their sum, rounded
-    in another order) — takes the reference math (`reference.attention`, the scores
-    materialised in fp32, as eager does).
+    SDPA adds one mask to the scores: what it cannot compute exactly — a softcap, or more
+    than one additive term (a bias and a float mask: SDPA would add their sum, rounded in
+    another order) — takes the reference math (`reference.attention`, the scores materialised
+    in fp32, as eager does). Sinks are one more key for SDPA (`_sdpa`), exact.
 
     SDPA's CPU kernel gives 0 for a row whose query holds a NaN, and NaN for a row with a
     non-finite key at a position the mask drops; the op's semantics (`reference.attention`)
@@ -242,12 +243,26 @@ def _attention_cpu(q, k, v, mask, is_causal, scale, mods=reference.PLAIN) -> Ten
         if isinstance(sdpa_mask, str):
             return reference.attention(q, k, v, mask, is_causal, scale, mods)
         is_causal = False
-    return _sdpa(q, k, v, sdpa_mask, is_causal, scale)
+    return _sdpa(q, k, v, sdpa_mask, is_causal, scale, mods.sinks)
 
 
 def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool,
-          scale: float) -> Tensor:
-    """SDPA in the dtype `_sdpa_dtype` picks, returned contiguous in q's dtype."""
+          scale: float, sinks: Tensor | None = None) -> Tensor:
+    """SDPA in the dtype `_sdpa_dtype` picks, returned contiguous in q's dtype. Sinks (with
+    is_causal False: the caller folds it into the mask) are one more key: K and V get a row
+    of zeros, whose score is q·0·scale = 0 exactly (q is finite here), and the mask a last
+    column holding each head's sink, so the softmax has e^sink in its denominator and the
+    output nothing from it — what `reference.attention` computes."""
+    if sinks is not None:
+        b, hq, lq, _ = q.shape
+        dtype = torch.promote_types(_sdpa_dtype(q, mask), sinks.dtype)
+        if mask is None or mask.dtype == torch.bool:
+            mask = torch.zeros((), dtype=dtype, device=q.device) if mask is None else \
+                torch.zeros(mask.shape, dtype=dtype, device=q.device).masked_fill_(
+                    ~mask, -math.inf)
+        column = sinks.to(dtype).view(1, hq, 1, 1).expand(b, hq, lq, 1)
+        mask = torch.cat([mask.to(dtype).expand(b, hq, lq, k.shape[2]), column], -1)
+        k, v = (torch.cat([x, x.new_zeros((*x.shape[:2], 1, x.shape[3]))], 2) for x in (k, v))
     dtype = _sdpa_dtype(q, mask)
     if mask is not None and mask.dtype != torch.bool:
         mask = mask.to(dtype)
@@ -627,7 +642,7 @@ def _paged_attention_cpu(q, k_pool, v_pool, block_table, seq_lens, scale, is_cau
         attn_mask = torch.where(present, attn_mask, -math.inf)
     # Rows left with no key come out of SDPA as 0 (torch >= 2.5), from a bool mask and from an
     # all -inf float one alike.
-    return _sdpa(q, k, v, attn_mask, False, scale)
+    return _sdpa(q, k, v, attn_mask, False, scale, mods.sinks)
 
 
 @paged_attention.register_fake

@@ -168,12 +168,13 @@ def attention_scores(q: Tensor, k: Tensor, mask: Tensor | None, is_causal: bool,
         s = torch.tanh(s / mods.softcap) * mods.softcap
     for bias in mods.biases:
         s = s + bias.to(cdt)
-    rel = relative_positions(lq, lk, q.device)
+    positional = mods.alibi_slopes is not None or mods.windowed or is_causal
+    rel = relative_positions(lq, lk, q.device) if positional else None
     if mods.alibi_slopes is not None:
         s = s + alibi_bias(mods.alibi_slopes, rel, cdt)
     if mask is not None:
         s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.to(cdt)
-    keep = key_band(rel, is_causal, mods)
+    keep = key_band(rel, is_causal, mods) if positional else None
     return s if keep is None else s.masked_fill(~keep, float("-inf"))
 
 
