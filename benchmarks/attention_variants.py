@@ -71,7 +71,7 @@ def attnopt_form(variant: str, window: int) -> Callable:
 
 def flex_form(variant: str, window: int, lq: int, lk: int, device: str) -> Callable:
     """FlexAttention compiled, its block mask built once (outside the timing)."""
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    from torch.nn.attention.flex_attention import AuxRequest, create_block_mask, flex_attention
 
     offset = lk - lq  # bottom-right: query i is at position i + offset
 
@@ -91,9 +91,10 @@ def flex_form(variant: str, window: int, lq: int, lk: int, device: str) -> Calla
         if variant != "sinks":
             return flex(q, k, v, score_mod=softcap if variant == "softcap" else None,
                         block_mask=block_mask, enable_gqa=True)
-        out, lse = flex(q, k, v, block_mask=block_mask, enable_gqa=True, return_lse=True)
+        out, aux = flex(q, k, v, block_mask=block_mask, enable_gqa=True,
+                        return_aux=AuxRequest(lse=True))
         # Σe^s / (Σe^s + e^sink) = sigmoid(lse - sink): the sink as a denominator term.
-        weight = torch.sigmoid(lse - sinks.view(1, -1, 1).float())[..., None]
+        weight = torch.sigmoid(aux.lse - sinks.view(1, -1, 1).float())[..., None]
         return (out.float() * weight).to(q.dtype)
 
     return attend
