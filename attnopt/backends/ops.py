@@ -1,6 +1,7 @@
 """The attnopt:: op library: what rewritten graphs call.
 
-Each op has a schema (inferred from the type hints), a fake implementation for tracing, a
+Each op has a schema (inferred from the type hints; written out for the attention ops, whose
+list of bias tensors with a default is beyond inference), a fake implementation for tracing, a
 reference implementation (`backends/reference.py`), a CPU path, a Triton path and an autograd
 formula. Which path runs is the `impl` argument, which the passes set from the `kernels` option
 so the choice is visible in the graph and in the report:

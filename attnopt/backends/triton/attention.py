@@ -412,12 +412,13 @@ def variants(mods: reference.ScoreMods, mask: Tensor | None, is_causal: bool, q:
     left = mods.window_left
     biases = tuple(t.expand(scores) for t in mods.biases)
     additive = mask is not None and mask.dtype != torch.bool
-    # Unused pointers (no slopes, no sinks) are any tensor: the kernels never read them.
-    args = (biases, tuple(t.stride() for t in biases),
+    # Unused pointers (no slopes, no sinks, no bias: NUM_BIASES = 0 reads none of the one
+    # passed, which keeps the tuple argument non-empty) are any tensor: never read.
+    args = (biases or (q,), tuple(t.stride() for t in biases) or ((0, 0, 0, 0),),
             q if mods.alibi_slopes is None else mods.alibi_slopes,
             q if mods.sinks is None else mods.sinks)
     flags = dict(
-        SOFTCAP=bool(mods.softcap), NUM_BIASES=len(biases),
+        SOFTCAP=bool(mods.softcap), NUM_BIASES=len(mods.biases),
         HAS_ALIBI=mods.alibi_slopes is not None, HAS_SINKS=mods.sinks is not None,
         HAS_MASK=mask is not None, BOOL_MASK=mask is not None and mask.dtype == torch.bool,
         BOUND_LEFT=left >= 0, BOUND_RIGHT=right >= 0,
