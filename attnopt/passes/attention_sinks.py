@@ -40,7 +40,7 @@ def sink_softmax(scores: Pattern) -> Pattern:
     shifted = optional(Call(aten.sub.Tensor, logits, row_max), through=logits)
     dim = Literal("sink_softmax_dim", where=lambda d: isinstance(d, int))
     probs = (Call(aten._softmax.default, shifted, dim, False)
-             | Call(aten.softmax.int, shifted, dim, ANY))
+             | Call(aten.softmax.int, shifted, dim, Literal("dtype_arg")))  # chain_problem's
     kept = Call(aten.slice.Tensor, probs, Literal("slice_dim"), Literal("slice_start"),
                 Literal("slice_end"), 1)
     cast_dtype = Literal("sink_out_dtype", where=lambda d: isinstance(d, torch.dtype))

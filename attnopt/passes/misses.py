@@ -66,10 +66,23 @@ def _walk(start: list[fx.Node], step, stop: set) -> tuple[fx.Node | None, list[s
         seen.add(node)
         if node.target in stop:
             return node, unknown
-        if node.target not in _KNOWN and short_target(node) not in unknown:
-            unknown.append(short_target(node))
+        name = short_target(node)
+        if _to_float64(node):  # a known op, but fp64 math the op (fp32) does not do
+            name += " to float64"
+        if (node.target not in _KNOWN or _to_float64(node)) and name not in unknown:
+            unknown.append(name)
         queue.extend(step(node))
     return None, unknown
+
+
+def _to_float64(node: fx.Node) -> bool:
+    """A cast of narrower floats to float64 (the op computes in fp32)."""
+    val = node.meta.get("val")
+    source = node.args[0].meta.get("val") if node.args and isinstance(node.args[0], fx.Node) \
+        else None
+    return (node.target in (aten._to_copy.default, prims.convert_element_type.default)
+            and isinstance(val, torch.Tensor) and val.dtype == torch.float64
+            and isinstance(source, torch.Tensor) and source.dtype != torch.float64)
 
 
 def explain_attention(node: fx.Node) -> str | None:

@@ -150,6 +150,9 @@ NEAR_MISSES = {
         (lambda x: x - x.max(dim=-2, keepdim=True).values)(torch.cat(
             [q @ k.transpose(2, 3), s.reshape(1, -1, 1, 1).expand(B, -1, L, -1)], -1)),
         -1)[..., :-1] @ v, "not the row"),
+    "sinks softmax in float64": (lambda q, k, v, m, b, a, s: torch.softmax(torch.cat(
+        [q @ k.transpose(2, 3), s.reshape(1, -1, 1, 1).expand(B, -1, L, -1)], -1), -1,
+        dtype=torch.float64)[..., :-1].float() @ v, "aten._to_copy to float64"),
     "sinks per query, not per head": (lambda q, k, v, m, b, a, s: torch.softmax(torch.cat(
         [q @ k.transpose(2, 3), torch.linspace(0, 1, L).reshape(1, 1, -1, 1).expand(
             B, H, -1, 1)], -1), -1)[..., :-1] @ v, "not sinks[h]"),
