@@ -78,6 +78,7 @@ from attnopt.passes.attention_call import (
     float_mask_fill_problem,
     qkv_problem,
     scores_shape,
+    val,
 )
 from attnopt.passes.attention_scores import plan_scores, same_shape_view, score_chain
 from attnopt.passes.attention_sinks import sink_softmax, sinks_of
@@ -146,14 +147,10 @@ sdpa_backends = (
 )
 
 
-def _val(node: fx.Node) -> torch.Tensor:
-    return node.meta["val"]
-
-
 def _repeat_problem(m: Match, name: str) -> str | None:
     if f"{name}_expand" not in m.captures:
         return None
-    b, hkv, length, d = _val(m[name]).shape
+    b, hkv, length, d = val(m[name]).shape
     sizes, out = (layout.value(m[f"{name}_{s}"]) for s in ("expand", "repeated_shape"))
     if not isinstance(sizes, list) or not isinstance(out, list) or len(sizes) != 5 \
             or len(out) != 4:
@@ -171,14 +168,14 @@ def check(m: Match, ctx=None) -> str | None:
             return reason
     if m["dropout_p"] != 0.0:
         return f"dropout_p={m['dropout_p']}: attention with dropout (training) is left to ATen"
-    qv, kv, vv = _val(m["q"]), _val(m["k"]), _val(m["v"])
+    qv, kv, vv = val(m["q"]), val(m["k"]), val(m["v"])
     if reason := qkv_problem(qv, kv, vv):
         return reason
     if m["is_causal"] and not statically_known_true(qv.shape[2] == kv.shape[2]):
         return ("is_causal with q_len != kv_len: SDPA aligns the mask top-left, "
                 "attnopt::attention bottom-right")
     if m.get("mask") is not None:
-        mv, target = _val(m["mask"]), scores_shape(qv, kv)
+        mv, target = val(m["mask"]), scores_shape(qv, kv)
         if not layout.broadcasts_into(mv.shape, target):
             return f"mask of shape {list(mv.shape)} does not broadcast to {target}"
     return None
@@ -195,13 +192,13 @@ def _boolean_source(mask: fx.Node) -> fx.Node | None:
 
 
 def rewrite(m: Match, graph: fx.Graph, ctx) -> fx.Node:
-    head_dim = _val(m["q"]).shape[-1]
+    head_dim = val(m["q"]).shape[-1]
     scale_value = m["scale"] if m["scale"] is not None else 1.0 / math.sqrt(head_dim)
     plan = AttentionPlan(scale=float(scale_value), is_causal=m["is_causal"])
     attn_mask = m.get("mask")
     if attn_mask is not None and (source := _boolean_source(attn_mask)) is not None:
         plan.bool_mask = source
-    elif attn_mask is not None and _val(attn_mask).dtype == torch.bool:
+    elif attn_mask is not None and val(attn_mask).dtype == torch.bool:
         plan.bool_mask = attn_mask
     elif attn_mask is not None:
         plan.additive.append((attn_mask, 1.0))
@@ -229,13 +226,13 @@ def matmul_problem(m: Match, name: str) -> str | None:
     """Why the views around the bmm captured as `name` are not a [B, H] batched matmul of the
     expanded sides ([B, H, r, c] @ [B, H, c, n] -> [B·H, r, c] @ [B·H, c, n] -> [B, H, r, n]),
     or None: a view that regroups rows, or a broadcast the op cannot read, changes the math."""
-    a, b = _val(m[f"{name}_a"]), _val(m[f"{name}_b"])
-    out = _val(m[name])
+    a, b = val(m[f"{name}_a"]), val(m[f"{name}_b"])
+    out = val(m[name])
     if not (a.dim() == b.dim() == out.dim() == 4):
         return f"{name}: a matmul of rank {a.dim()} and {b.dim()}; the op takes [B, H, L, D]"
     batch = list(a.shape[:2])
     bmm = m[name].args[0]
-    x, y = (_val(n) for n in bmm.args)
+    x, y = (val(n) for n in bmm.args)
     flat = batch[0] * batch[1]
     want = {"a": [flat, a.shape[2], a.shape[3]], "b": [flat, b.shape[2], b.shape[3]],
             "out": [*batch, a.shape[2], b.shape[3]]}
@@ -269,7 +266,7 @@ def _is_last_two(m: Match) -> bool:
 
 def _written_out_plan(m: Match) -> AttentionPlan | str:
     """The plan of a written-out match, or why it is refused."""
-    qv, kv, vv = _val(m["q"]), _val(m["k"]), _val(m["v"])
+    qv, kv, vv = val(m["q"]), val(m["k"]), val(m["v"])
     if qv.dim() != 4 or kv.dim() != 4:
         return f"q/k of rank {qv.dim()}/{kv.dim()}; the op takes [B, H, L, D]"
     if not _is_last_two(m):
@@ -279,7 +276,7 @@ def _written_out_plan(m: Match) -> AttentionPlan | str:
             return reason
     if "probs_view" in m.captures and not same_shape_view(m["probs_view"]):
         return "the probabilities are reshaped before the second matmul"
-    scores = _val(m["scores"]).shape
+    scores = val(m["scores"]).shape
     if reason := chain_problem(m, scores):
         return reason
     sinks = None
@@ -319,7 +316,7 @@ def _tensor_scaled(graph: fx.Graph, m: Match, q: fx.Node) -> fx.Node:
     if "scale_tensor" not in m.captures:
         return q
     scale = insert_call(graph, prims.convert_element_type.default,
-                        (m["scale_tensor"], _val(q).dtype))
+                        (m["scale_tensor"], val(q).dtype))
     return insert_call(graph, aten.mul.Tensor, (q, scale))
 
 
@@ -360,7 +357,7 @@ def _operand(node: fx.Node, tag: str) -> Operand | None:
     while chain[-1].op == "call_function" and chain[-1].target in _CHAIN:
         chain.append(chain[-1].args[0])
     for source in reversed(chain):
-        lay = layout.trace(node, {source: layout.source_layout(tag, _val(source).shape)})
+        lay = layout.trace(node, {source: layout.source_layout(tag, val(source).shape)})
         if lay is None or len(lay.axes) != 3:
             continue
         batch, rows, cols = (tuple(d for d in a if not lay.is_unit(d)) for a in lay.axes)
@@ -395,7 +392,7 @@ def batched_plan(m: Match) -> tuple[dict, int] | str:
     axes = layout.drop_units(scores.axes, scores)
     if tuple(d for a in axes[:-2] for d in a) != q.batch or axes[-2:] != (q.rows, k.cols):
         return f"the scores are not laid out [batch..., q, k] (axes {axes})"
-    if reason := chain_problem(m, _val(m["scores"]).shape):
+    if reason := chain_problem(m, val(m["scores"]).shape):
         return reason
     if softmax_dim(m) % len(scores.axes) != len(scores.axes) - 1:
         return f"softmax over dim {softmax_dim(m)}, not over the keys"
@@ -417,8 +414,8 @@ def check_batched(m: Match, ctx=None) -> str | None:
     plan = batched_plan(m)
     if isinstance(plan, str):
         return plan
-    if dtype_of(m.anchor) != _val(m["q3"]).dtype:
-        return f"output is {dtype_of(m.anchor)} but q is {_val(m['q3']).dtype}"
+    if dtype_of(m.anchor) != val(m["q3"]).dtype:
+        return f"output is {dtype_of(m.anchor)} but q is {val(m['q3']).dtype}"
     return None
 
 
@@ -426,7 +423,7 @@ def _as_bhld(graph: fx.Graph, op: Operand, rows: tuple, cols: tuple) -> fx.Node:
     """The source as the op's [B, H, rows, cols]: a permute when the dims are out of order, then
     flatten/unsqueeze (no sizes in the graph, so symbolic shapes stay symbolic). Extra batch
     dims fold into B."""
-    rank = _val(op.source).dim()
+    rank = val(op.source).dim()
     used = [i for _, i in (*op.batch, *rows, *cols)]
     units = [i for i in range(rank) if i not in used]  # size 1: where they go is free
     node = op.source
@@ -445,9 +442,9 @@ def _as_bhld(graph: fx.Graph, op: Operand, rows: tuple, cols: tuple) -> fx.Node:
 
 def _mask_4d(graph: fx.Graph, node: fx.Node | None, scores_rank: int, q: Operand):
     """A mask laid out like rank-3 scores [B*H, q, k] as the op's [B, H, q, k]."""
-    if node is None or scores_rank == 4 or _val(node).dim() < 3:
+    if node is None or scores_rank == 4 or val(node).dim() < 3:
         return node
-    if layout.same(_val(node).shape[0], 1) or len(q.batch) < 2:
+    if layout.same(val(node).shape[0], 1) or len(q.batch) < 2:
         return insert_call(graph, aten.unsqueeze.default, (node, 0))
     heads = q.sizes[q.batch[-1]]
     if not isinstance(heads, int):  # a symbolic head count: read it off q
