@@ -3,8 +3,11 @@
 On a GPU (the Triton kernels):
   - prefill: TFLOP/s of attnopt vs torch SDPA (each backend that accepts the shape) and vs the
     Inductor-compiled written-out form, B·S = 16k tokens, head dim 64/128, causal and not;
-  - decode: q_len 1, context 1k-64k, GQA 8:1, GB/s of K/V read vs the measured copy bandwidth.
-On CPU (no Triton): a small Llama forward, eager vs default torch.compile vs attnopt.
+  - decode: q_len 1, context 1k-64k, GQA 8:1, GB/s of K/V read vs the measured copy bandwidth;
+  - the variants (softcap, sinks, a 4k window; prefill at 4k and 32k, decode at 32k) vs the
+    eager form compiled by Inductor and vs FlexAttention (`benchmarks/attention_variants.py`).
+On CPU (no Triton): a small Llama forward, eager vs default torch.compile vs attnopt, and the
+variants at small sizes vs the eager form, eager and compiled by Inductor.
 
     python -m benchmarks.attention [--quick] [--out benchmarks/out]
 """
@@ -20,6 +23,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import attnopt  # noqa: F401  (registers the ops)
 from attnopt.models.llama import LlamaConfig, TinyLlama
+from benchmarks import attention_variants as variants
 from benchmarks.common import median_ms, write_table
 
 
@@ -109,12 +113,14 @@ def main() -> None:
     args = parser.parse_args()
     if torch.cuda.is_available():
         for name, rows in (("attention-prefill", prefill_rows(args.quick)),
-                           ("attention-decode", decode_rows(args.quick))):
+                           ("attention-decode", decode_rows(args.quick)),
+                           ("attention-variants", variants.gpu_rows(args.quick))):
             print(write_table(name, rows, list(rows[0]), args.out))
     if args.gpu_only:
         return
-    rows = cpu_rows(args.quick)
-    print(write_table("attention-llama-cpu", rows, list(rows[0]), args.out))
+    for name, rows in (("attention-llama-cpu", cpu_rows(args.quick)),
+                       ("attention-variants-cpu", variants.cpu_rows(args.quick))):
+        print(write_table(name, rows, list(rows[0]), args.out))
 
 
 if __name__ == "__main__":

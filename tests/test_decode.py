@@ -30,6 +30,13 @@ def build(name: str) -> torch.nn.Module:
         "qwen2": lambda: t.Qwen2ForCausalLM(t.Qwen2Config(num_key_value_heads=2, **common)),
         "mixtral": lambda: t.MixtralForCausalLM(t.MixtralConfig(
             num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, **common)),
+        # Eager attention (they have no SDPA form): softcap and a window; sinks and a window.
+        "gemma2": lambda: t.Gemma2ForCausalLM(t.Gemma2Config(
+            num_key_value_heads=2, head_dim=16, sliding_window=4, query_pre_attn_scalar=16,
+            **dict(common, attn_implementation="eager"))),
+        "gpt_oss": lambda: t.GptOssForCausalLM(t.GptOssConfig(
+            num_key_value_heads=2, head_dim=16, sliding_window=4, num_local_experts=4,
+            num_experts_per_tok=2, **dict(common, attn_implementation="eager"))),
     }
     torch.manual_seed(0)
     return makers[name]().eval()
@@ -75,6 +82,27 @@ def test_paged_cache_greedy_tokens_equal_eager(name):
         assert torch.equal(generate(model, inputs, cache), expected)
     reports = attnopt.reports()
     assert reports and all(r.counts["kv_cache"] == LAYERS for r in reports)
+    assert not leftover_gathers()
+
+
+@pytest.mark.parametrize("kernels", ["auto", "triton"])
+@pytest.mark.parametrize(("name", "variant"), [("gemma2", "softcap=50.0"),
+                                               ("gpt_oss", "sinks=")])
+def test_paged_cache_with_softcap_and_sinks_gives_eager_tokens(name, variant, kernels):
+    # Gemma 2's softcap and GPT-OSS's sinks in the paged decode kernel (and the CPU path),
+    # the sliding window in the model's mask; GPT-OSS's experts are left to the MoE pass's
+    # own tests (only attention and kv_cache run here).
+    model, inputs = build(name), prompts(2, 7, pad=3)
+    want = generate(model, inputs)
+    model.forward = torch.compile(model.forward, backend="attnopt", options={
+        "inner": "eager", "kernels": kernels, "passes": ["attention", "kv_cache"]})
+    cache = PagedKVCache(model.config, max_tokens=64, block_size=4, max_seq_len=32)
+    assert torch.equal(generate(model, inputs, cache), want)
+    reports = attnopt.reports()
+    assert reports and all(r.counts["kv_cache"] == LAYERS for r in reports)
+    calls = [line for r in reports for line in r.passes[-1].after
+             if "attnopt.paged_attention(" in line]
+    assert len(calls) == LAYERS * len(reports) and all(variant in line for line in calls)
     assert not leftover_gathers()
 
 

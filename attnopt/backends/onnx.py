@@ -14,6 +14,13 @@ CPU provider against `backends/reference.py` by tests/backends/test_onnx.py):
   when Lq == Lk is known at export time and otherwise the bottom-right mask is built from the
   runtime sizes and combined with the mask; and ORT wants the mask's query and key dims spelled
   out, so a mask that broadcasts over queries (or keys) is expanded to [..., Lq, Lk].
+  The variants: the softcap is Attention's own `softcap` attribute (ORT applies it where the
+  op does, after the scale and before the mask: checked); a window is a band of keys built
+  from the runtime sizes, ANDed into the mask; ALiBi is its bias slopes[h] · (j - p_i), and
+  the additive terms (biases, ALiBi, a float mask) become the one mask ORT adds, summed in
+  fp32 first (the op adds them one at a time: equal to fp32 rounding). Sinks are one more
+  key around the op: K and V get a row of zeros and the mask a last column holding each
+  head's sink, so the softmax has e^sink in its denominator and a value of 0 for it.
 - `attnopt::attention_with_past` -> the same `Attention` with its `past_key`/`past_value`
   inputs and its `present_key`/`present_value` outputs, which ORT concatenates itself (an empty
   past too), so the graph holds no Concat of the cache. With a past, ORT's causal diagonal is
@@ -74,7 +81,7 @@ from onnxscript.onnx_types import TensorType as Tensor
 
 from attnopt.backends import ops  # noqa: F401  (registers torch.ops.attnopt.*)
 from attnopt.backends.ops import SWIGLU_OAI_ALPHA, SWIGLU_OAI_LIMIT
-from attnopt.backends.reference import ExpertForm
+from attnopt.backends.reference import PLAIN, ExpertForm, ScoreMods
 
 OPSET = 23
 
@@ -172,65 +179,134 @@ def _length(x: Tensor) -> Tensor:
     return op.Shape(x, start=2, end=3)
 
 
-def _bottom_right_causal(lq: Tensor, lk: Tensor) -> Tensor:
-    """[Lq, Lk] boolean: query i may attend key j iff j <= i + (Lk - Lq)."""
+def _relative_positions(lq: Tensor, lk: Tensor) -> Tensor:
+    """[Lq, Lk] int64: j - p_i with p_i = i + (Lk - Lq), bottom-right as
+    `reference.relative_positions`."""
     lq, lk = op.Squeeze(lq), op.Squeeze(lk)
     zero, one = op.Constant(value_int=0), op.Constant(value_int=1)
     rows = op.Add(op.Range(zero, lq, one), op.Sub(lk, lq))
     cols = op.Range(zero, lk, one)
-    return op.LessOrEqual(op.Unsqueeze(cols, _ints(0)), op.Unsqueeze(rows, _ints(1)))
+    return op.Sub(op.Unsqueeze(cols, _ints(0)), op.Unsqueeze(rows, _ints(1)))
+
+
+def _band(rel: Tensor, left: int, right: int) -> Tensor:
+    """[Lq, Lk] boolean: p_i - left <= j <= p_i + right (-1: unbounded; not both)."""
+    keep = None
+    if right >= 0:
+        keep = op.LessOrEqual(rel, op.Constant(value_int=right))
+    if left >= 0:
+        after = op.GreaterOrEqual(rel, op.Constant(value_int=-left))
+        keep = after if keep is None else op.And(keep, after)
+    return keep
+
+
+def _spelled_out(mask: Tensor, q: Tensor, lq: Tensor, lk: Tensor) -> Tensor:
+    """A mask (or bias) of the caller's with its query and key dims spelled out, [..., Lq, Lk],
+    as ORT wants them: one that broadcasts over queries or keys is expanded (its leading dims
+    still broadcast)."""
+    rank = len(mask.shape)
+    if (rank >= 2 and _known_equal(mask.shape[-2], q.shape[2])
+            and _static(mask.shape[-1]) != 1):
+        return mask
+    ones = [_ints(*[1] * (rank - 2))] if rank > 2 else []
+    return op.Expand(mask, op.Concat(*ones, lq, lk, axis=0))
 
 
 def _ort_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool,
-                   scale: float, past_k: Tensor | None = None, past_v: Tensor | None = None
-                   ) -> tuple[Tensor, ...]:
+                   scale: float, past_k: Tensor | None = None, past_v: Tensor | None = None,
+                   mods: ScoreMods = PLAIN) -> tuple[Tensor, ...]:
     """ORT's `Attention` over the keys cat([past_k, k]) (k alone without a past), with our mask
-    and causal conventions; all its outputs (Y, present_key, present_value, scores)."""
+    and causal conventions and the variants `mods`; (Y, present_key, present_value)."""
     # Values made here have no dtype or shape until ONNX shape inference: read the inputs'.
     lq = _length(q)
     lk = _length(k) if past_k is None else op.Add(_length(past_k), _length(k))
-    boolean = mask is not None and mask.dtype == ir.DataType.BOOL
-    if mask is not None:
-        rank = len(mask.shape)
-        # ORT wants the mask's query and key dims spelled out: [..., Lq, Lk].
-        broadcasts = (rank < 2 or not _known_equal(mask.shape[-2], q.shape[2])
-                      or _static(mask.shape[-1]) == 1)
-        if not boolean:
-            mask = _cast(mask, q.dtype)  # ORT adds a float mask in the inputs' type
-        if broadcasts:  # Expand to [1, ..., Lq, Lk]: the leading dims broadcast as they were
-            ones = [_ints(*[1] * (rank - 2))] if rank > 2 else []
-            mask = op.Expand(mask, op.Concat(*ones, lq, lk, axis=0))
     # ORT's causal diagonal ends at the past's length plus the query's index: ours (the last
-    # key's) where the new keys are as many as the queries.
-    aligned = _known_equal(q.shape[2], k.shape[2])
-    if is_causal and not aligned:
-        keep = _bottom_right_causal(lq, lk)
-        if mask is None:
-            mask = keep
-        elif boolean:
-            mask = op.And(mask, keep)
+    # key's) where the new keys are as many as the queries. Elsewhere, and with a window or a
+    # sink key added, the causal part is a mask.
+    flag = (is_causal and _known_equal(q.shape[2], k.shape[2]) and not mods.windowed
+            and mods.sinks is None)
+    rel = _relative_positions(lq, lk)
+    right = mods.window_right
+    if is_causal and not flag:
+        right = 0 if right < 0 else min(right, 0)
+    keep = _band(rel, mods.window_left, right) if (right >= 0 or mods.window_left >= 0) \
+        else None
+    additive = [_spelled_out(b, q, lq, lk) for b in mods.biases]
+    if mods.alibi_slopes is not None:
+        slopes = op.Reshape(_cast(mods.alibi_slopes, ir.DataType.FLOAT), _ints(-1, 1, 1))
+        additive.append(op.Mul(slopes, op.Cast(rel, to=ir.DataType.FLOAT)))
+    if mask is not None:
+        boolean = mask.dtype == ir.DataType.BOOL  # read before: values made here have none
+        mask = _spelled_out(mask, q, lq, lk)
+        if boolean:
+            keep = mask if keep is None else op.And(keep, mask)
         else:
-            mask = op.Where(keep, mask, _scalar(-math.inf, q.dtype))
-    return op.Attention(q, k, v, mask, past_k, past_v, is_causal=int(is_causal and aligned),
-                        scale=scale)
+            additive.append(mask)
+    attn_mask = keep
+    if additive:
+        # ORT adds one mask, in the inputs' type: the terms are summed first (in fp32), which
+        # rounds them in another order than the op's one add at a time — equal to fp32
+        # rounding; a finfo.min fill stays the fill.
+        compute = _compute_type(q.dtype)
+        total = op.Cast(additive[0], to=compute)
+        for term in additive[1:]:
+            total = op.Add(total, op.Cast(term, to=compute))
+        total = op.Cast(total, to=q.dtype)
+        attn_mask = total if keep is None else op.Where(keep, total,
+                                                        _scalar(-math.inf, q.dtype))
+    softcap = {"softcap": mods.softcap} if mods.softcap else {}
+    if mods.sinks is None:
+        return op.Attention(q, k, v, attn_mask, past_k, past_v, is_causal=int(flag),
+                            scale=scale, **softcap)[:3]
+    # Sinks: one more key whose value row is 0 and whose logit is the sink (its q·k is 0, and
+    # so is its softcap), put there by the mask's last column. The present K/V are
+    # concatenated here, so the sink key stays out of them.
+    present_k = k if past_k is None else op.Concat(past_k, k, axis=2)
+    present_v = v if past_v is None else op.Concat(past_v, v, axis=2)
+    rows = op.Shape(q, start=0, end=3)  # [B, Hq, Lq]
+    if attn_mask is None:
+        attn_mask = _scalar(0.0, q.dtype)
+    elif keep is not None and not additive:
+        attn_mask = op.Where(keep, _scalar(0.0, q.dtype), _scalar(-math.inf, q.dtype))
+    attn_mask = op.Expand(attn_mask, op.Concat(rows, lk, axis=0))
+    column = op.Expand(op.Reshape(_cast(mods.sinks, q.dtype), _ints(1, -1, 1, 1)),
+                       op.Concat(rows, _ints(1), axis=0))
+    y = op.Attention(q, _with_zero_row(present_k), _with_zero_row(present_v),
+                     op.Concat(attn_mask, column, axis=-1), scale=scale, **softcap)[0]
+    return y, present_k, present_v
+
+
+def _with_zero_row(x: Tensor) -> Tensor:
+    """x [B, H, L, D] with one more row of zeros along L."""
+    shape = op.Concat(op.Shape(x, start=0, end=2), _ints(1), op.Shape(x, start=3, end=4),
+                      axis=0)
+    return op.Concat(x, op.ConstantOfShape(shape, value=ir.tensor([0.0], dtype=x.dtype)),
+                     axis=2)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool,
-              scale: float, impl: str = "auto") -> Tensor:
-    """softmax(q @ kᵀ * scale + mask) @ v with GQA, bottom-right causal (`reference.attention`)."""
+              scale: float, impl: str = "auto", softcap: float = 0.0,
+              biases: list[Tensor] | None = None, alibi_slopes: Tensor | None = None,
+              window_left: int = -1, window_right: int = -1,
+              sinks: Tensor | None = None) -> Tensor:
+    """softmax(q @ kᵀ * scale + mask) @ v with GQA, bottom-right causal and the variants
+    (`reference.attention`)."""
     # Attention also has optional outputs (present K/V, the scores); `optimize` drops them.
-    return _ort_attention(q, k, v, mask, is_causal, scale)[0]
-
+    mods = ScoreMods.of(softcap, biases, alibi_slopes, window_left, window_right, sinks)
+    return _ort_attention(q, k, v, mask, is_causal, scale, mods=mods)[0]
 
 
 def attention_with_past(q: Tensor, k: Tensor, v: Tensor, past_k: Tensor, past_v: Tensor,
-                        mask: Tensor | None, is_causal: bool, scale: float, impl: str = "auto"
+                        mask: Tensor | None, is_causal: bool, scale: float, impl: str = "auto",
+                        softcap: float = 0.0, biases: list[Tensor] | None = None,
+                        alibi_slopes: Tensor | None = None, window_left: int = -1,
+                        window_right: int = -1, sinks: Tensor | None = None
                         ) -> tuple[Tensor, Tensor, Tensor]:
     """(out, present_k, present_v): `attention` over cat([past, new]) for K and V
-    (`reference.attention_with_past`), ORT concatenating the present itself."""
-    out, present_k, present_v, *_ = _ort_attention(q, k, v, mask, is_causal, scale, past_k,
-                                                   past_v)
-    return out, present_k, present_v
+    (`reference.attention_with_past`), ORT concatenating the present itself (but with sinks)."""
+    mods = ScoreMods.of(softcap, biases, alibi_slopes, window_left, window_right, sinks)
+    return _ort_attention(q, k, v, mask, is_causal, scale, past_k, past_v, mods)
+
 
 
 def latent_attention(q_lat: Tensor, q_rot: Tensor, c_kv: Tensor, k_rot: Tensor,
@@ -254,8 +330,8 @@ def latent_attention(q_lat: Tensor, q_rot: Tensor, c_kv: Tensor, k_rot: Tensor,
         scores = (op.Where(mask, scores, minus_inf) if mask.dtype == ir.DataType.BOOL
                   else op.Add(scores, _cast(mask, compute)))
     if is_causal:
-        scores = op.Where(_bottom_right_causal(_length(q_lat), _length(c_kv)), scores,
-                          minus_inf)
+        causal = _band(_relative_positions(_length(q_lat), _length(c_kv)), -1, 0)
+        scores = op.Where(causal, scores, minus_inf)
     probs = op.Softmax(scores, axis=-1)
     blind = op.Equal(op.ReduceMax(scores, _ints(-1), keepdims=1), minus_inf)  # sees no key
     out = op.MatMul(op.Where(blind, _scalar(0.0, compute), probs), _cast(c_kv, compute))

@@ -1,6 +1,7 @@
 """The attnopt:: op library: what rewritten graphs call.
 
-Each op has a schema (inferred from the type hints), a fake implementation for tracing, a
+Each op has a schema (inferred from the type hints; written out for the attention ops, whose
+list of bias tensors with a default is beyond inference), a fake implementation for tracing, a
 reference implementation (`backends/reference.py`), a CPU path, a Triton path and an autograd
 formula. Which path runs is the `impl` argument, which the passes set from the `kernels` option
 so the choice is visible in the graph and in the report:
@@ -12,7 +13,9 @@ so the choice is visible in the graph and in the report:
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -133,8 +136,15 @@ softmax.register_autograd(_softmax_backward, setup_context=_softmax_setup)
 
 # --- attention ---------------------------------------------------------------------------------
 
+# The variants of `reference.ScoreMods`, as trailing arguments with defaults so that graphs and
+# callers that predate them keep working. Written out as a schema because a list of tensors
+# with a default (`Tensor[]? biases=None`) is beyond what torch.library infers from hints.
+_MODS_SCHEMA = ("float softcap=0., Tensor[]? biases=None, Tensor? alibi_slopes=None, "
+                "int window_left=-1, int window_right=-1, Tensor? sinks=None")
+_ATTENTION_SCHEMA = ("(Tensor q, Tensor k, Tensor v, Tensor? mask, bool is_causal, float scale, "
+                     f"str impl=\"auto\", {_MODS_SCHEMA}) -> Tensor")
 
-@torch.library.custom_op("attnopt::attention", mutates_args=())
+
 def attention(
     q: Tensor,
     k: Tensor,
@@ -143,15 +153,29 @@ def attention(
     is_causal: bool,
     scale: float,
     impl: str = "auto",
+    softcap: float = 0.0,
+    biases: Sequence[Tensor] | None = None,
+    alibi_slopes: Tensor | None = None,
+    window_left: int = -1,
+    window_right: int = -1,
+    sinks: Tensor | None = None,
 ) -> Tensor:
-    """softmax(q @ kᵀ * scale + mask) @ v with GQA, bottom-right causal; `reference.attention`."""
+    """softmax(q @ kᵀ * scale + mask) @ v with GQA, bottom-right causal, and the variants of
+    `reference.ScoreMods` (softcap, additive biases, ALiBi slopes, sliding window, sinks) in
+    their order; `reference.attention` states the semantics."""
+    mods = reference.ScoreMods.of(softcap, biases, alibi_slopes, window_left, window_right,
+                                  sinks)
     if _use_triton(impl, q):
         from attnopt.backends.triton import attention as kernel
 
-        return kernel.attention(q, k, v, mask, is_causal, scale)
+        return kernel.attention(q, k, v, mask, is_causal, scale, mods)
     if impl == "reference":
-        return reference.attention(q, k, v, mask, is_causal, scale)
-    return _attention_cpu(q, k, v, mask, is_causal, scale)
+        return reference.attention(q, k, v, mask, is_causal, scale, mods)
+    return _attention_cpu(q, k, v, mask, is_causal, scale, mods)
+
+
+attention = torch.library.custom_op("attnopt::attention", attention, mutates_args=(),
+                                    schema=_ATTENTION_SCHEMA)
 
 
 def _all_finite(*tensors: Tensor | None) -> bool:
@@ -170,25 +194,76 @@ def _sdpa_dtype(q: Tensor, mask: Tensor | None) -> torch.dtype:
     return torch.promote_types(q.dtype, mask.dtype)
 
 
-def _attention_cpu(q, k, v, mask, is_causal, scale) -> Tensor:
+def _sdpa_mask(mask: Tensor | None, rel: Tensor, is_causal: bool, scale_dtype: torch.dtype,
+               mods: reference.ScoreMods) -> Tensor | str | None:
+    """The one mask SDPA takes for `mask` and `mods` over keys at relative positions `rel`
+    (j - p_i): the additive term (a bias, ALiBi or the op's float mask) with the window and
+    the causal band folded in as -inf, or a boolean; None for none. SDPA adds a single mask
+    to q·kᵀ·scale, so it is exact only for at most one additive term and no softcap or sink;
+    otherwise the reason it is not, for the caller to take the reference math. (Sinks are
+    `_sdpa`'s.)"""
+    if mods.softcap:
+        return "a softcap is not SDPA's"
+    additive = [*mods.biases, *([mask] if mask is not None and mask.dtype != torch.bool else [])]
+    if mods.alibi_slopes is not None:  # computed as the reference computes it, in fp32
+        additive.append(reference.alibi_bias(mods.alibi_slopes, rel, scale_dtype))
+    if len(additive) > 1:
+        return "two additive terms: one SDPA mask would add them in another order"
+    keep = reference.key_band(rel, is_causal, mods)
+    if mask is not None and mask.dtype == torch.bool:
+        keep = mask if keep is None else keep & mask
+    if not additive:
+        return keep
+    return additive[0] if keep is None else torch.where(keep, additive[0], -math.inf)
+
+
+def _attention_cpu(q, k, v, mask, is_causal, scale, mods=reference.PLAIN) -> Tensor:
     """ATen's SDPA (flash on CPU), which reads grouped K/V without repeating them. SDPA's causal
     flag is top-left aligned and excludes a mask; ours is bottom-right and combines with one, so
-    outside the case where they agree the causal part is folded into the mask.
+    outside the case where they agree the causal part is folded into the mask, as is a window
+    (a band of keys, -inf outside) and ALiBi (its bias computed as the reference does).
+
+    SDPA adds one mask to the scores: what it cannot compute exactly — a softcap, or more
+    than one additive term (a bias and a float mask: SDPA would add their sum, rounded in
+    another order) — takes the reference math (`reference.attention`, the scores materialised
+    in fp32, as eager does). Sinks are one more key for SDPA (`_sdpa`), exact.
 
     SDPA's CPU kernel gives 0 for a row whose query holds a NaN, and NaN for a row with a
     non-finite key at a position the mask drops; the op's semantics (`reference.attention`)
     are eager's: NaN, and the dropped key ignored. Inputs holding NaN or inf take the reference
     path, which costs one reduction of q, k and v to find out."""
+    mods.check(q, k.shape[2])
     if not _all_finite(q, k, v):
-        return reference.attention(q, k, v, mask, is_causal, scale)
+        return reference.attention(q, k, v, mask, is_causal, scale, mods)
     lq, lk = q.shape[-2], k.shape[-2]
-    if is_causal and (lq != lk or mask is not None):
-        keep = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(lk - lq)
-        if mask is None:
-            mask = keep
-        else:
-            mask = mask & keep if mask.dtype == torch.bool else mask.masked_fill(~keep, -math.inf)
+    if mask is None and mods.plain and (not is_causal or lq == lk):
+        sdpa_mask = None  # SDPA's own causal flag agrees
+    else:
+        rel = reference.relative_positions(lq, lk, q.device)
+        sdpa_mask = _sdpa_mask(mask, rel, is_causal, reference.compute_dtype(q.dtype), mods)
+        if isinstance(sdpa_mask, str):
+            return reference.attention(q, k, v, mask, is_causal, scale, mods)
         is_causal = False
+    return _sdpa(q, k, v, sdpa_mask, is_causal, scale, mods.sinks)
+
+
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool,
+          scale: float, sinks: Tensor | None = None) -> Tensor:
+    """SDPA in the dtype `_sdpa_dtype` picks, returned contiguous in q's dtype. Sinks (with
+    is_causal False: the caller folds it into the mask) are one more key: K and V get a row
+    of zeros, whose score is q·0·scale = 0 exactly (q is finite here), and the mask a last
+    column holding each head's sink, so the softmax has e^sink in its denominator and the
+    output nothing from it — what `reference.attention` computes."""
+    if sinks is not None:
+        b, hq, lq, _ = q.shape
+        dtype = torch.promote_types(_sdpa_dtype(q, mask), sinks.dtype)
+        if mask is None or mask.dtype == torch.bool:
+            mask = torch.zeros((), dtype=dtype, device=q.device) if mask is None else \
+                torch.zeros(mask.shape, dtype=dtype, device=q.device).masked_fill_(
+                    ~mask, -math.inf)
+        column = sinks.to(dtype).view(1, hq, 1, 1).expand(b, hq, lq, 1)
+        mask = torch.cat([mask.to(dtype).expand(b, hq, lq, k.shape[2]), column], -1)
+        k, v = (torch.cat([x, x.new_zeros((*x.shape[:2], 1, x.shape[3]))], 2) for x in (k, v))
     dtype = _sdpa_dtype(q, mask)
     if mask is not None and mask.dtype != torch.bool:
         mask = mask.to(dtype)
@@ -199,31 +274,54 @@ def _attention_cpu(q, k, v, mask, is_causal, scale) -> Tensor:
 
 
 @attention.register_fake
-def _(q, k, v, mask, is_causal, scale, impl="auto"):
+def _(q, k, v, mask, is_causal, scale, impl="auto", softcap=0.0, biases=None,
+      alibi_slopes=None, window_left=-1, window_right=-1, sinks=None):
+    reference.ScoreMods.of(softcap, biases, alibi_slopes, window_left, window_right,
+                           sinks).check(q, k.shape[2])
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
 
 
 def _attention_setup(ctx, inputs, output):
-    q, k, v, mask, is_causal, scale, _impl = inputs
+    q, k, v, mask, is_causal, scale, *rest = inputs
     ctx.save_for_backward(q, k, v, mask)
     ctx.is_causal, ctx.scale = is_causal, scale
+    ctx.mods = reference.ScoreMods.of(*rest[1:])
+    ctx.biases_given = len(rest) > 2 and rest[2] is not None  # a list, maybe empty, or None
 
 
 def _attention_backward(ctx, grad):
     # Recompute through the reference in fp32 and differentiate it: exact gradients, at the
-    # memory cost of the unfused math (a Triton backward kernel is future work).
+    # memory cost of the unfused math (a Triton backward kernel is future work). The float
+    # inputs of the variants (biases, ALiBi slopes, sinks) get gradients too.
     q, k, v, mask = ctx.saved_tensors
+    mods = ctx.mods
     float_mask = mask is not None and mask.dtype != torch.bool
+
+    def leaf(t: Tensor | None) -> Tensor | None:
+        return None if t is None else t.detach().float().requires_grad_()
+
     with torch.enable_grad():
-        leaves = [t.detach().float().requires_grad_() for t in (q, k, v)]
-        if float_mask:
-            leaves.append(mask.detach().float().requires_grad_())
-        out = reference.attention(*leaves[:3], leaves[3] if float_mask else mask,
-                                  ctx.is_causal, ctx.scale)
-        grads = torch.autograd.grad(out, leaves, grad.float())
-    dq, dk, dv = (g.to(t.dtype) for g, t in zip(grads, (q, k, v), strict=False))
-    dmask = _sum_to_shape(grads[3], mask.shape).to(mask.dtype) if float_mask else None
-    return dq, dk, dv, dmask, None, None, None
+        qkv = [leaf(t) for t in (q, k, v)]
+        m = leaf(mask) if float_mask else mask
+        biases = [leaf(b) for b in mods.biases]
+        slopes, sinks = leaf(mods.alibi_slopes), leaf(mods.sinks)
+        out = reference.attention(*qkv, m, ctx.is_causal, ctx.scale, dataclasses.replace(
+            mods, biases=tuple(biases), alibi_slopes=slopes, sinks=sinks))
+        leaves = [t for t in (*qkv, m if float_mask else None, *biases, slopes, sinks)
+                  if t is not None]
+        grads = iter(torch.autograd.grad(out, leaves, grad.float(), allow_unused=True))
+
+    def back(t: Tensor | None, wanted: bool = True) -> Tensor | None:
+        g = next(grads) if wanted and t is not None else None
+        return None if g is None else _sum_to_shape(g, t.shape).to(t.dtype)
+
+    dq, dk, dv = (back(t) for t in (q, k, v))
+    dmask = back(mask, float_mask)
+    dbiases = [back(b) for b in mods.biases] if ctx.biases_given else None
+    dslopes, dsinks = back(mods.alibi_slopes), back(mods.sinks)
+    # One gradient per argument the op was called with (trailing defaults are not passed).
+    return (dq, dk, dv, dmask, None, None, None, None, dbiases, dslopes, None, None,
+            dsinks)[:len(ctx.needs_input_grad)]
 
 
 attention.register_autograd(_attention_backward, setup_context=_attention_setup)
@@ -497,7 +595,6 @@ def _(pool, block_table, seq_lens, scale=None, dtype=None):
 # --- paged attention (KV cache) ----------------------------------------------------------------
 
 
-@torch.library.custom_op("attnopt::paged_attention", mutates_args=())
 def paged_attention(
     q: Tensor,
     k_pool: Tensor,
@@ -510,6 +607,12 @@ def paged_attention(
     k_scale: Tensor | None = None,
     v_scale: Tensor | None = None,
     mask: Tensor | None = None,
+    softcap: float = 0.0,
+    biases: Sequence[Tensor] | None = None,
+    alibi_slopes: Tensor | None = None,
+    window_left: int = -1,
+    window_right: int = -1,
+    sinks: Tensor | None = None,
 ) -> Tensor:
     """Attention of q [B, Hq, Lq, D] (Lq new tokens per sequence, 1..16 in decode) over each
     sequence's cached keys, read in place from the paged pools k_pool [num_blocks, block_size,
@@ -517,32 +620,42 @@ def paged_attention(
     indexing; bottom-right causal against each sequence's own length; int8 pools with per
     (token, head) float32 scales; optionally the model's own `mask`, bool (True = attend) or
     additive, broadcast to [B, Hq, Lq, max_blocks · block_size] (column j: each sequence's j-th
-    cached token). `reference.paged_attention` states the semantics;
+    cached token); and the variants of `attention` (`reference.ScoreMods`; biases laid out as
+    the mask). `reference.paged_attention` states the semantics;
     `attnopt.cache.PagedKVCache` holds such pools. The Triton path is split-KV flash decoding
     over the block table (`triton.paged_attention`). Inference only: no autograd formula."""
+    mods = reference.ScoreMods.of(softcap, biases, alibi_slopes, window_left, window_right,
+                                  sinks)
+    args = (q, k_pool, v_pool, block_table, seq_lens, scale, is_causal, k_scale, v_scale, mask,
+            mods)
     if _use_triton(impl, q):
         from attnopt.backends.triton import paged_attention as kernel
 
-        return kernel.paged_attention(q, k_pool, v_pool, block_table, seq_lens, scale,
-                                      is_causal, k_scale, v_scale, mask)
+        return kernel.paged_attention(*args)
     if impl == "reference":
-        return reference.paged_attention(q, k_pool, v_pool, block_table, seq_lens, scale,
-                                         is_causal, k_scale, v_scale, mask)
-    return _paged_attention_cpu(q, k_pool, v_pool, block_table, seq_lens, scale, is_causal,
-                                k_scale, v_scale, mask)
+        return reference.paged_attention(*args)
+    return _paged_attention_cpu(*args)
+
+
+paged_attention = torch.library.custom_op(
+    "attnopt::paged_attention", paged_attention, mutates_args=(),
+    schema="(Tensor q, Tensor k_pool, Tensor v_pool, Tensor block_table, Tensor seq_lens, "
+           "float scale, bool is_causal=True, str impl=\"auto\", Tensor? k_scale=None, "
+           f"Tensor? v_scale=None, Tensor? mask=None, {_MODS_SCHEMA}) -> Tensor")
 
 
 def _paged_attention_cpu(q, k_pool, v_pool, block_table, seq_lens, scale, is_causal,
-                         k_scale, v_scale, mask) -> Tensor:
+                         k_scale, v_scale, mask, mods=reference.PLAIN) -> Tensor:
     """One batched SDPA (which reads grouped K/V unrepeated) over K/V gathered from the blocks
-    up to the longest sequence, with a boolean mask for the ragged lengths and the bottom-right
-    causal part, combined with the model's mask. Reading seq_lens costs nothing on CPU
-    tensors. Non-finite inputs take the reference path and an additive mask wider than q runs
-    SDPA in its dtype, as in `_attention_cpu`."""
+    up to the longest sequence, with a boolean mask for the ragged lengths, the bottom-right
+    causal part and the window, combined with the model's mask. Reading seq_lens costs nothing
+    on CPU tensors. Non-finite inputs take the reference path, an additive mask wider than q
+    runs SDPA in its dtype, and what one SDPA mask cannot add exactly (softcap, sinks, two
+    additive terms) takes the reference math, as in `_attention_cpu`."""
     reference.check_paged_attention(q, k_pool, v_pool, block_table, seq_lens, k_scale, v_scale,
-                                    mask)
+                                    mask, mods)
     b, hq, lq, _ = q.shape
-    block_size, hkv = k_pool.shape[1], k_pool.shape[2]
+    block_size = k_pool.shape[1]
     lens = seq_lens.to(device=q.device, dtype=torch.int64)
     lk_max = int(lens.max()) if b else 0
     if lk_max == 0 or q.numel() == 0:
@@ -561,39 +674,45 @@ def _paged_attention_cpu(q, k_pool, v_pool, block_table, seq_lens, scale, is_cau
     k, v = gather(k_pool, k_scale), gather(v_pool, v_scale)
     if not _all_finite(q, k, v):  # stale blocks past a length are never read: see `ids`
         return reference.paged_attention(q, k_pool, v_pool, block_table, seq_lens, scale,
-                                         is_causal, k_scale, v_scale, mask)
+                                         is_causal, k_scale, v_scale, mask, mods)
 
-    keys = torch.arange(nb * block_size, device=q.device)
-    keep = keys < lens[:, None, None]  # [B, 1, Lk]
-    if is_causal:
-        last = lens[:, None, None] - lq + torch.arange(lq, device=q.device)[:, None]
-        keep = keep & (keys <= last)  # [B, Lq, Lk]
-    # SDPA takes one mask: the model's, cut to the gathered keys, with ours folded in (as -inf
-    # into an additive one, which SDPA wants in q's dtype). Rows left with no key come out of
-    # SDPA as 0 (torch >= 2.5), from a bool mask and from an all -inf float one alike.
-    attn_mask, dtype = keep[:, None], _sdpa_dtype(q, mask)
-    if mask is not None:
-        mask = mask[..., :nb * block_size]
-        attn_mask = (attn_mask & mask if mask.dtype == torch.bool
-                     else torch.where(attn_mask, mask.to(dtype), -math.inf))
-    out = torch.nn.functional.scaled_dot_product_attention(
-        q.to(dtype), k.to(dtype), v.to(dtype), attn_mask=attn_mask, scale=scale,
-        enable_gqa=hq != hkv)
-    return out.to(q.dtype).contiguous()
+    # The columns of the gathered keys, to which the mask and the biases are cut.
+    width = nb * block_size
+    keys = torch.arange(width, device=q.device)
+    positions = lens[:, None] - lq + torch.arange(lq, device=q.device)  # [B, Lq]: p_i
+    rel = (keys - positions[:, :, None])[:, None]  # [B, 1, Lq, Lk]
+    attn_mask = _sdpa_mask(
+        None if mask is None else mask[..., :width], rel, is_causal,
+        reference.compute_dtype(q.dtype),
+        dataclasses.replace(mods, biases=tuple(t[..., :width] for t in mods.biases)))
+    if isinstance(attn_mask, str):
+        return reference.paged_attention(q, k_pool, v_pool, block_table, seq_lens, scale,
+                                         is_causal, k_scale, v_scale, mask, mods)
+    # Past each sequence's length nothing is read: -inf (or False) there, whatever the rest.
+    present = (keys < lens[:, None, None])[:, None]  # [B, 1, 1, Lk]
+    if attn_mask is None or attn_mask.dtype == torch.bool:
+        attn_mask = present if attn_mask is None else present & attn_mask
+    else:
+        attn_mask = torch.where(present, attn_mask, -math.inf)
+    # Rows left with no key come out of SDPA as 0 (torch >= 2.5), from a bool mask and from an
+    # all -inf float one alike.
+    return _sdpa(q, k, v, attn_mask, False, scale, mods.sinks)
 
 
 @paged_attention.register_fake
 def _(q, k_pool, v_pool, block_table, seq_lens, scale, is_causal=True, impl="auto",
-      k_scale=None, v_scale=None, mask=None):
+      k_scale=None, v_scale=None, mask=None, softcap=0.0, biases=None, alibi_slopes=None,
+      window_left=-1, window_right=-1, sinks=None):
     reference.check_paged_attention(q, k_pool, v_pool, block_table, seq_lens, k_scale, v_scale,
-                                    mask)
+                                    mask, reference.ScoreMods.of(
+                                        softcap, biases, alibi_slopes, window_left,
+                                        window_right, sinks))
     return q.new_empty((*q.shape[:3], v_pool.shape[3]))
 
 
 # --- attention with past K/V (DynamicCache, for export) ----------------------------------------
 
 
-@torch.library.custom_op("attnopt::attention_with_past", mutates_args=())
 def attention_with_past(
     q: Tensor,
     k: Tensor,
@@ -604,24 +723,43 @@ def attention_with_past(
     is_causal: bool,
     scale: float,
     impl: str = "auto",
+    softcap: float = 0.0,
+    biases: Sequence[Tensor] | None = None,
+    alibi_slopes: Tensor | None = None,
+    window_left: int = -1,
+    window_right: int = -1,
+    sinks: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(out, present_k, present_v): `attention` over present_k = cat([past_k, k], 2) and
-    present_v likewise, bottom-right causal over the present keys;
-    `reference.attention_with_past`. It exists for export: ONNX's Attention takes the past and
-    returns the present itself (`backends/onnx.py`), where transformers' DynamicCache step is a
-    concatenation beside the attention. Run in PyTorch the concatenation is a copy whatever
-    does it, so every path is the concatenation and then `attention`'s own path (SDPA on CPU,
-    the Triton kernel on CUDA). Inference only: no autograd formula."""
+    present_v likewise, bottom-right causal over the present keys, with `attention`'s
+    variants; `reference.attention_with_past`. It exists for export: ONNX's Attention takes the
+    past and returns the present itself (`backends/onnx.py`), where transformers' DynamicCache
+    step is a concatenation beside the attention. Run in PyTorch the concatenation is a copy
+    whatever does it, so every path is the concatenation and then `attention`'s own path (SDPA
+    on CPU, the Triton kernel on CUDA). Inference only: no autograd formula."""
+    variants = (softcap, biases, alibi_slopes, window_left, window_right, sinks)
     if impl == "reference":
-        return reference.attention_with_past(q, k, v, past_k, past_v, mask, is_causal, scale)
+        return reference.attention_with_past(q, k, v, past_k, past_v, mask, is_causal, scale,
+                                             reference.ScoreMods.of(*variants))
     present_k, present_v = torch.cat((past_k, k), 2), torch.cat((past_v, v), 2)
-    return attention(q, present_k, present_v, mask, is_causal, scale, impl), present_k, present_v
+    return (attention(q, present_k, present_v, mask, is_causal, scale, impl, *variants),
+            present_k, present_v)
+
+
+attention_with_past = torch.library.custom_op(
+    "attnopt::attention_with_past", attention_with_past, mutates_args=(),
+    schema="(Tensor q, Tensor k, Tensor v, Tensor past_k, Tensor past_v, Tensor? mask, "
+           f"bool is_causal, float scale, str impl=\"auto\", {_MODS_SCHEMA}) "
+           "-> (Tensor, Tensor, Tensor)")
 
 
 @attention_with_past.register_fake
-def _(q, k, v, past_k, past_v, mask, is_causal, scale, impl="auto"):
+def _(q, k, v, past_k, past_v, mask, is_causal, scale, impl="auto", softcap=0.0, biases=None,
+      alibi_slopes=None, window_left=-1, window_right=-1, sinks=None):
     present_k = k.new_empty((*k.shape[:2], past_k.shape[2] + k.shape[2], k.shape[3]))
     present_v = v.new_empty((*v.shape[:2], past_v.shape[2] + v.shape[2], v.shape[3]))
+    reference.ScoreMods.of(softcap, biases, alibi_slopes, window_left, window_right,
+                           sinks).check(q, present_k.shape[2])
     return q.new_empty((*q.shape[:-1], v.shape[-1])), present_k, present_v
 
 

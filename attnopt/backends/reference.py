@@ -7,7 +7,9 @@ here.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -53,6 +55,130 @@ def softmax(
     return y.to(dtype or x.dtype).contiguous()
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class ScoreMods:
+    """The variants of attention's scores beyond q·kᵀ·scale + mask, each off by default. They
+    compose in this order, in the compute precision (fp32; fp64 for fp64 q), each step
+    rounded as the models that write them round it:
+
+        s = q·kᵀ·scale
+        s = softcap · tanh(s / softcap)                   softcap > 0 (Gemma 2)
+        s = s + biases[0] + biases[1] + ...                additive, one add each, in order;
+                                                           each broadcasts to [B, Hq, Lq, Lk]
+        s = s + alibi_slopes[h] · (j - p_i)                in-kernel ALiBi, [Hq] slopes
+        s = s + mask, or key j dropped where mask is False (the op's own `mask`)
+        key j dropped unless p_i - window_left <= j <= p_i + window_right   (-1: unbounded)
+        key j dropped if j > p_i                           (`is_causal`)
+        out = Σ_j e^{s_j} v_j / (Σ_j e^{s_j} + e^{sinks[h]})   a per-head sink logit: a term
+                                                           of the denominator with no value
+
+    p_i = i + Lk - Lq is query i's position among the keys (bottom-right, as `is_causal`), so
+    ALiBi and the window follow the last query to the last key in decode and chunked
+    prefill. A dropped key is -inf: a NaN score there is ignored. Rows that keep no key give 0
+    (with or without a sink)."""
+
+    softcap: float = 0.0
+    biases: tuple[Tensor, ...] = ()
+    alibi_slopes: Tensor | None = None
+    window_left: int = -1
+    window_right: int = -1
+    sinks: Tensor | None = None
+
+    @classmethod
+    def of(cls, softcap: float = 0.0, biases: Sequence[Tensor] | None = None,
+           alibi_slopes: Tensor | None = None, window_left: int = -1, window_right: int = -1,
+           sinks: Tensor | None = None) -> ScoreMods:
+        """From the ops' flat arguments."""
+        return cls(float(softcap), tuple(biases or ()), alibi_slopes, int(window_left),
+                   int(window_right), sinks)
+
+    @property
+    def windowed(self) -> bool:
+        return self.window_left >= 0 or self.window_right >= 0
+
+    @property
+    def plain(self) -> bool:
+        """No variant at all: the attention of q·kᵀ·scale + mask alone."""
+        return not (self.softcap or self.biases or self.alibi_slopes is not None
+                    or self.windowed or self.sinks is not None)
+
+    def check(self, q: Tensor, lk: object) -> None:
+        """The data-free checks (shapes, dtypes, ranges) against q [B, Hq, Lq, D] and Lk keys;
+        every path runs them, the fake implementations too."""
+        b, hq, lq, _ = q.shape
+        if not (self.softcap >= 0 and math.isfinite(self.softcap)):
+            raise ValueError(f"softcap must be 0 (off) or a positive number, got {self.softcap}")
+        if self.window_left < -1 or self.window_right < -1:
+            raise ValueError(f"window_left and window_right must be -1 (unbounded) or >= 0, got "
+                             f"{self.window_left} and {self.window_right}")
+        scores = (b, hq, lq, lk)
+        for i, bias in enumerate(self.biases):
+            trailing = zip(bias.shape[::-1], scores[::-1], strict=False)
+            if not bias.dtype.is_floating_point or bias.dim() > 4 or any(
+                    n != 1 and n != w for n, w in trailing):
+                raise ValueError(f"biases[{i}] must be a floating tensor broadcasting to the "
+                                 f"scores [B, Hq, Lq, Lk] = {list(scores)}, got {bias.dtype} "
+                                 f"{tuple(bias.shape)}")
+        for name in ("alibi_slopes", "sinks"):
+            t = getattr(self, name)
+            if t is not None and (t.shape != (hq,) or not t.dtype.is_floating_point):
+                raise ValueError(f"{name} must be a floating [Hq={hq}] tensor, one value per "
+                                 f"query head, got {t.dtype} {tuple(t.shape)}")
+
+
+PLAIN = ScoreMods()
+
+
+def key_band(rel: Tensor, is_causal: bool, mods: ScoreMods) -> Tensor | None:
+    """Which keys the window and the causal flag keep, from rel = j - p_i (any broadcast
+    shape): p_i - window_left <= j <= p_i + window_right, and j <= p_i when causal; None
+    when neither applies."""
+    keep = None
+    right = 0 if is_causal else mods.window_right
+    if is_causal and mods.window_right >= 0:
+        right = min(right, mods.window_right)
+    if right >= 0:
+        keep = rel <= right
+    if mods.window_left >= 0:
+        left = rel >= -mods.window_left
+        keep = left if keep is None else keep & left
+    return keep
+
+
+def relative_positions(lq: int, lk: int, device: torch.device) -> Tensor:
+    """[Lq, Lk] int64: j - p_i with p_i = i + Lk - Lq (bottom-right aligned)."""
+    return (torch.arange(lk, device=device)[None, :]
+            - torch.arange(lq, device=device)[:, None] - (lk - lq))
+
+
+def alibi_bias(slopes: Tensor, rel: Tensor, dtype: torch.dtype) -> Tensor:
+    """slopes[h] · (j - p_i) in `dtype`, the product rounded once, from rel = j - p_i [Lq, Lk]
+    (-> [Hq, Lq, Lk]) or [B, 1, Lq, Lk] (-> [B, Hq, Lq, Lk])."""
+    return slopes.to(dtype).view(-1, 1, 1) * rel.to(dtype)
+
+
+def attention_scores(q: Tensor, k: Tensor, mask: Tensor | None, is_causal: bool,
+                     scale: float, mods: ScoreMods = PLAIN) -> Tensor:
+    """The scores of `attention` in the compute precision, [B, Hq, Lq, Lk], every step of
+    `ScoreMods` applied: dropped keys are -inf."""
+    hq, lq, lk = q.shape[1], q.shape[2], k.shape[2]
+    cdt = compute_dtype(q.dtype)
+    kf = k.to(cdt).repeat_interleave(hq // k.shape[1], dim=1)
+    s = (q.to(cdt) @ kf.transpose(-1, -2)) * scale
+    if mods.softcap:
+        s = torch.tanh(s / mods.softcap) * mods.softcap
+    for bias in mods.biases:
+        s = s + bias.to(cdt)
+    positional = mods.alibi_slopes is not None or mods.windowed or is_causal
+    rel = relative_positions(lq, lk, q.device) if positional else None
+    if mods.alibi_slopes is not None:
+        s = s + alibi_bias(mods.alibi_slopes, rel, cdt)
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.to(cdt)
+    keep = key_band(rel, is_causal, mods) if positional else None
+    return s if keep is None else s.masked_fill(~keep, float("-inf"))
+
+
 def attention(
     q: Tensor,
     k: Tensor,
@@ -60,9 +186,11 @@ def attention(
     mask: Tensor | None = None,
     is_causal: bool = False,
     scale: float | None = None,
+    mods: ScoreMods = PLAIN,
 ) -> Tensor:
     """softmax(q @ kᵀ * scale + mask) @ v over q [B, Hq, Lq, D], k [B, Hkv, Lk, D],
-    v [B, Hkv, Lk, Dv], computed in fp32 (fp64 for fp64 input).
+    v [B, Hkv, Lk, Dv], computed in fp32 (fp64 for fp64 input), with the variants of `mods`
+    (`ScoreMods`: softcap, additive biases, ALiBi, sliding window, sinks).
 
     - Grouped-query attention: Hq is a multiple of Hkv; query head h reads KV head
       h // (Hq // Hkv). K/V are never repeated in memory by the kernels.
@@ -74,22 +202,19 @@ def attention(
     - Rows where every key is masked give 0 (as SDPA gives them), not NaN.
     - `scale` defaults to 1/sqrt(D). The result is contiguous [B, Hq, Lq, Dv] in q's dtype.
     """
-    _, hq, lq, d = q.shape
-    hkv, lk = k.shape[1], k.shape[2]
+    mods.check(q, k.shape[2])
     cdt = compute_dtype(q.dtype)
-    scale = d**-0.5 if scale is None else scale
-    group = hq // hkv
-    kf = k.to(cdt).repeat_interleave(group, dim=1)
-    vf = v.to(cdt).repeat_interleave(group, dim=1)
-    s = (q.to(cdt) @ kf.transpose(-1, -2)) * scale
-    if mask is not None:
-        s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.to(cdt)
-    if is_causal:
-        rows = torch.arange(lq, device=q.device)[:, None] + (lk - lq)
-        s = s.masked_fill(torch.arange(lk, device=q.device)[None, :] > rows, float("-inf"))
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    s = attention_scores(q, k, mask, is_causal, scale, mods)
+    if mods.sinks is not None:  # one more logit per row, whose probability is dropped
+        sink = mods.sinks.to(cdt).view(1, -1, 1, 1).expand(*s.shape[:3], 1)
+        s = torch.cat([s, sink], -1)
     p = torch.softmax(s, -1).nan_to_num(0.0)  # fully masked rows: 0/0 -> 0
     # nan_to_num would also hide NaNs from NaN inputs; keep those visible.
     p = torch.where(torch.isnan(s).any(-1, keepdim=True), float("nan"), p)
+    if mods.sinks is not None:
+        p = p[..., :-1]
+    vf = v.to(cdt).repeat_interleave(q.shape[1] // v.shape[1], dim=1)
     return (p @ vf).to(q.dtype).contiguous()
 
 
@@ -473,7 +598,8 @@ def _gated_backward(gate_up: Tensor, dh: Tensor, form: ExpertForm) -> Tensor:
 
 def check_paged_attention(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_table: Tensor,
                           seq_lens: Tensor, k_scale: Tensor | None = None,
-                          v_scale: Tensor | None = None, mask: Tensor | None = None) -> None:
+                          v_scale: Tensor | None = None, mask: Tensor | None = None,
+                          mods: ScoreMods = PLAIN) -> None:
     """The checks of `paged_attention` that need no look at the data (shapes and dtypes): every
     path runs them, the fake implementation too."""
     if q.dim() != 4 or q.dtype not in (torch.float16, torch.bfloat16, torch.float32,
@@ -522,6 +648,8 @@ def check_paged_attention(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_table
                              f", dims of size 1 broadcasting but the last: one column per slot "
                              f"of the block table (its capacity, not the longest sequence), got "
                              f"{tuple(mask.shape)}")
+    # Biases, like the mask, have one column per slot of the block table.
+    mods.check(q, block_table.shape[1] * k_pool.shape[1])
 
 
 def dequantize_kv(x: Tensor, scale: Tensor | None, dtype: torch.dtype) -> Tensor:
@@ -557,6 +685,7 @@ def paged_attention(
     k_scale: Tensor | None = None,
     v_scale: Tensor | None = None,
     mask: Tensor | None = None,
+    mods: ScoreMods = PLAIN,
 ) -> Tensor:
     """Attention of Lq new queries over a paged KV cache, sequence by sequence.
 
@@ -577,6 +706,9 @@ def paged_attention(
       of the lengths and `is_causal`: a bool mask keeps the keys where it is True, a floating
       one is added to the scaled scores (in the compute precision below). Columns at or past
       seq_lens[b] are never read.
+    - `mods` (`ScoreMods`: softcap, biases, ALiBi, window, sinks) as in `attention`, over each
+      sequence's own keys: p_i = seq_lens[b] - Lq + i, and biases laid out as the mask
+      ([B, Hq, Lq, max_blocks · block_size], column j the j-th cached token).
     - Rows that see no key (seq_lens[b] = 0, seq_lens[b] < Lq with is_causal, or a mask that
       drops every key left) give 0.
     - int8 pools (k_pool and v_pool int8, with float32 k_scale and v_scale [num_blocks,
@@ -585,15 +717,24 @@ def paged_attention(
     - Computed as `attention` on the gathered K/V: in fp32 (fp64 for fp64 q); the result is a
       contiguous [B, Hq, Lq, Dv] in q's dtype.
     """
-    check_paged_attention(q, k_pool, v_pool, block_table, seq_lens, k_scale, v_scale, mask)
+    check_paged_attention(q, k_pool, v_pool, block_table, seq_lens, k_scale, v_scale, mask,
+                          mods)
     b, hq, lq, _ = q.shape
     out = q.new_empty((b, hq, lq, v_pool.shape[3]))
     for i, length in enumerate(seq_lens.tolist()):
         k = paged_kv(k_pool, k_scale, block_table[i], length, q.dtype)
         v = paged_kv(v_pool, v_scale, block_table[i], length, q.dtype)
-        m = None if mask is None else mask.expand(b, -1, -1, -1)[i:i + 1, ..., :length]
-        out[i] = attention(q[i:i + 1], k[None], v[None], m, is_causal, scale)[0]
+        m = None if mask is None else sequence_columns(mask, b, i, length)
+        biases = tuple(sequence_columns(t, b, i, length) for t in mods.biases)
+        out[i] = attention(q[i:i + 1], k[None], v[None], m, is_causal, scale,
+                           dataclasses.replace(mods, biases=biases))[0]
     return out
+
+
+def sequence_columns(t: Tensor, batch: int, i: int, length: int) -> Tensor:
+    """Sequence i's first `length` columns of a mask or bias laid out [B, Hq, Lq, capacity]
+    (leading dims may broadcast): [1, Hq or 1, Lq or 1, length]."""
+    return t.expand(batch, *t.shape[-3:])[i:i + 1, ..., :length]
 
 
 # --- attention with past K/V (a cache grown by concatenation) ---------------------------------
@@ -608,6 +749,7 @@ def attention_with_past(
     mask: Tensor | None = None,
     is_causal: bool = False,
     scale: float | None = None,
+    mods: ScoreMods = PLAIN,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One step of attention over a KV cache that grows by concatenation (transformers'
     DynamicCache): returns (out, present_k, present_v).
@@ -617,10 +759,12 @@ def attention_with_past(
     - out = `attention(q, present_k, present_v, mask, is_causal, scale)`: the mask broadcasts
       to [B, Hq, Lq, P + Lk] (the present keys), `is_causal` is bottom-right over them (query
       i sees keys j <= i + P + Lk - Lq: with Lk = Lq the whole past and the new keys up to its
-      own), GQA as there.
+      own), GQA as there; so do `mods`' biases, and ALiBi and the window count positions
+      among the present keys.
     """
     present_k, present_v = torch.cat((past_k, k), 2), torch.cat((past_v, v), 2)
-    return attention(q, present_k, present_v, mask, is_causal, scale), present_k, present_v
+    return (attention(q, present_k, present_v, mask, is_causal, scale, mods), present_k,
+            present_v)
 
 
 # --- multi-head latent attention (DeepSeek's MLA, absorbed form) ------------------------------

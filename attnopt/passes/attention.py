@@ -21,7 +21,11 @@ And attention written out, as transformers' eager implementations and hand-writt
 
 with every spelling of the softmax chain the softmax pass knows (scale, additive mask,
 masked_fill/where with -inf, fp32 upcast and cast back, _safe_softmax, decomposed) and the same
-repeat_kv folding. And attention in 3-D batched form, as einsum lowers it and as older models
+repeat_kv folding; with what models do to the scores before it (`attention_scores.py`: Gemma 2's
+softcap, T5's position bias, Falcon's ALiBi added before the scale) and GPT-OSS's sinks in place
+of the softmax (`attention_sinks.py`). A constant mask equal to the causal pattern, or to
+causal cut to a sliding window, becomes the flag and the window (`attention_call.py`). And
+attention in 3-D batched form, as einsum lowers it and as older models
 write it (OPT, BLOOM with its ALiBi bias):
 
     bmm(views(softmax_chain(views(bmm(q3, kt3) | baddbmm(bias, q3, kt3, alpha)))), v3)
@@ -31,6 +35,11 @@ works out which dims of q, k and v each chain holds, so [B, H, L, D], [B, L, H, 
 [B*H, L, D] sources are all read for what they are (a permute, never a copy, when the heads are
 not in front), and anything that is not attention — softmax over another dim, heads and batch
 swapped in v — is refused with its reason.
+
+Two more spellings have files of their own: flex_attention calls whose score_mod and mask_mod
+are causal, window, softcap, ALiBi or padding (`flex_attention.py`), and PyTorch's encoder fast
+path, whose fused kernels are replaced by their math around one attnopt::attention
+(`encoder_fast_path.py`).
 
 One difference from eager is deliberate and documented: a query row whose keys are *all* masked
 with -inf is NaN in eager's plain softmax and 0 here, as SDPA gives it.
@@ -45,12 +54,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
-from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from attnopt.backends import ops  # noqa: F401  (registers torch.ops.attnopt.*)
 from attnopt.compiler import layout
-from attnopt.compiler.graph import constant_value, insert_call
+from attnopt.compiler.graph import insert_call
 from attnopt.compiler.pattern import (
     ANY,
     Call,
@@ -64,10 +72,23 @@ from attnopt.compiler.pattern import (
     is_tensor_node,
 )
 from attnopt.compiler.rewrite import PatternPass
+from attnopt.passes.attention_call import (
+    AttentionPlan,
+    emit_attention,
+    float_mask_fill_problem,
+    qkv_problem,
+    scores_shape,
+    val,
+)
+from attnopt.passes.attention_scores import plan_scores, same_shape_view, score_chain
+from attnopt.passes.attention_sinks import sink_softmax, sinks_of
+from attnopt.passes.encoder_fast_path import encoder_rules
+from attnopt.passes.flex_attention import flex_rule
 from attnopt.passes.misses import explain_attention
 from attnopt.passes.softmax import (
     chain_problem,
     dtype_of,
+    masked_scores,
     softmax_dim,
     softmax_of,
     softmax_scale,
@@ -126,14 +147,10 @@ sdpa_backends = (
 )
 
 
-def _val(node: fx.Node) -> torch.Tensor:
-    return node.meta["val"]
-
-
 def _repeat_problem(m: Match, name: str) -> str | None:
     if f"{name}_expand" not in m.captures:
         return None
-    b, hkv, length, d = _val(m[name]).shape
+    b, hkv, length, d = val(m[name]).shape
     sizes, out = (layout.value(m[f"{name}_{s}"]) for s in ("expand", "repeated_shape"))
     if not isinstance(sizes, list) or not isinstance(out, list) or len(sizes) != 5 \
             or len(out) != 4:
@@ -145,44 +162,20 @@ def _repeat_problem(m: Match, name: str) -> str | None:
     return None if same else f"{name} expand {sizes} / reshape {out} is not repeat_kv"
 
 
-def qkv_problem(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
-    """Why q, k, v are not the op's q [B, Hq, Lq, D], k [B, Hkv, Lk, D], v [B, Hkv, Lk, Dv]
-    with Hq a multiple of Hkv, or None. K/V broadcast over the batch, or V with other heads than
-    K, would be read out of bounds by a kernel that indexes them per sequence and KV head.
-    Sizes are refused only where they provably differ: two symbols the graph does not relate
-    (a past key's and a past value's length, say) are equal whenever eager runs at all."""
-    if not (q.dim() == k.dim() == v.dim() == 4):
-        return f"q/k/v of rank {q.dim()}/{k.dim()}/{v.dim()}; the op takes [B, H, L, D]"
-    if layout.differ(k.shape[0], q.shape[0]) or layout.differ(v.shape[0], q.shape[0]):
-        return (f"batch sizes q {q.shape[0]}, k {k.shape[0]}, v {v.shape[0]} differ: K/V "
-                "broadcast over the batch")
-    if layout.differ(v.shape[1], k.shape[1]) or layout.differ(v.shape[2], k.shape[2]):
-        return f"v {list(v.shape)} has other heads or length than k {list(k.shape)}"
-    if layout.differ(k.shape[3], q.shape[3]):
-        return f"head dims of q ({q.shape[3]}) and k ({k.shape[3]}) differ"
-    if not statically_known_true(q.shape[1] % k.shape[1] == 0):
-        return f"{q.shape[1]} query heads are not a multiple of {k.shape[1]} KV heads"
-    return None
-
-
-def _scores_shape(q: torch.Tensor, k: torch.Tensor) -> list:
-    return [q.shape[0], q.shape[1], q.shape[2], k.shape[2]]
-
-
 def check(m: Match, ctx=None) -> str | None:
     for name in "kv":
         if reason := _repeat_problem(m, name):
             return reason
     if m["dropout_p"] != 0.0:
         return f"dropout_p={m['dropout_p']}: attention with dropout (training) is left to ATen"
-    qv, kv, vv = _val(m["q"]), _val(m["k"]), _val(m["v"])
+    qv, kv, vv = val(m["q"]), val(m["k"]), val(m["v"])
     if reason := qkv_problem(qv, kv, vv):
         return reason
     if m["is_causal"] and not statically_known_true(qv.shape[2] == kv.shape[2]):
         return ("is_causal with q_len != kv_len: SDPA aligns the mask top-left, "
                 "attnopt::attention bottom-right")
     if m.get("mask") is not None:
-        mv, target = _val(m["mask"]), _scores_shape(qv, kv)
+        mv, target = val(m["mask"]), scores_shape(qv, kv)
         if not layout.broadcasts_into(mv.shape, target):
             return f"mask of shape {list(mv.shape)} does not broadcast to {target}"
     return None
@@ -198,52 +191,18 @@ def _boolean_source(mask: fx.Node) -> fx.Node | None:
     return mask.args[0] if fills == [0.0, -math.inf] else None
 
 
-def is_standard_causal(mask: fx.Node, q: torch.Tensor, k: torch.Tensor) -> bool:
-    """Whether `mask` is a constant equal to the causal pattern: query i attends exactly keys
-    j <= i + Lk - Lq (a boolean True there, or an additive 0 there and a value at or below
-    half the dtype's minimum elsewhere, which exp() turns into exactly 0 in every row that
-    keeps its diagonal). Then the kernel needs the flag, not the tensor. With Lq > Lk the
-    first Lq - Lk rows keep no key: the flag gives them 0, as -inf gives them, but a finite
-    fill averages V there, so an additive mask with finite fills is no causal flag then."""
-    if "attnopt_causal" not in mask.meta:
-        mask.meta["attnopt_causal"] = _evaluate_causal(mask, q.shape[-2], k.shape[-2])
-    return mask.meta["attnopt_causal"]
-
-
-def _evaluate_causal(mask: fx.Node, lq: int, lk: int) -> bool:
-    if not isinstance(lq, int) or not isinstance(lk, int):
-        return False
-    value = constant_value(mask)
-    if value is None or value.dim() > 4 or value.shape[-2:] != (lq, lk):
-        return False
-    with unset_fake_temporarily():  # passes run inside the compile's fake mode
-        keep = torch.ones(lq, lk, dtype=torch.bool, device=value.device).tril(lk - lq)
-        if value.dtype == torch.bool:
-            return bool((value == keep).all())
-        floor = torch.finfo(value.dtype).min / 2
-        masked = value[..., ~keep]
-        if lq > lk and bool(masked.isfinite().any()):
-            return False
-        return bool(((value == 0) == keep).all() and (masked <= floor).all())
-
-
-def _mask_or_causal(attn_mask: fx.Node | None, is_causal: bool, q: torch.Tensor,
-                    k: torch.Tensor) -> tuple:
-    if attn_mask is not None and not is_causal and is_standard_causal(attn_mask, q, k):
-        return None, True
-    return attn_mask, is_causal
-
-
 def rewrite(m: Match, graph: fx.Graph, ctx) -> fx.Node:
-    head_dim = _val(m["q"]).shape[-1]
+    head_dim = val(m["q"]).shape[-1]
     scale_value = m["scale"] if m["scale"] is not None else 1.0 / math.sqrt(head_dim)
+    plan = AttentionPlan(scale=float(scale_value), is_causal=m["is_causal"])
     attn_mask = m.get("mask")
-    if attn_mask is not None:
-        attn_mask = _boolean_source(attn_mask) or attn_mask
-    attn_mask, is_causal = _mask_or_causal(attn_mask, m["is_causal"], _val(m["q"]), _val(m["k"]))
-    return insert_call(graph, torch.ops.attnopt.attention.default, (
-        m["q"], m["k"], m["v"], attn_mask, is_causal, float(scale_value),
-    ), {"impl": ctx.options.kernels})
+    if attn_mask is not None and (source := _boolean_source(attn_mask)) is not None:
+        plan.bool_mask = source
+    elif attn_mask is not None and val(attn_mask).dtype == torch.bool:
+        plan.bool_mask = attn_mask
+    elif attn_mask is not None:
+        plan.additive.append((attn_mask, 1.0))
+    return emit_attention(graph, ctx, m["q"], m["k"], m["v"], plan)
 
 
 # --- written-out attention: softmax(q @ kᵀ * scale + mask) @ v -------------------------------
@@ -267,13 +226,13 @@ def matmul_problem(m: Match, name: str) -> str | None:
     """Why the views around the bmm captured as `name` are not a [B, H] batched matmul of the
     expanded sides ([B, H, r, c] @ [B, H, c, n] -> [B·H, r, c] @ [B·H, c, n] -> [B, H, r, n]),
     or None: a view that regroups rows, or a broadcast the op cannot read, changes the math."""
-    a, b = _val(m[f"{name}_a"]), _val(m[f"{name}_b"])
-    out = _val(m[name])
+    a, b = val(m[f"{name}_a"]), val(m[f"{name}_b"])
+    out = val(m[name])
     if not (a.dim() == b.dim() == out.dim() == 4):
         return f"{name}: a matmul of rank {a.dim()} and {b.dim()}; the op takes [B, H, L, D]"
     batch = list(a.shape[:2])
     bmm = m[name].args[0]
-    x, y = (_val(n) for n in bmm.args)
+    x, y = (val(n) for n in bmm.args)
     flat = batch[0] * batch[1]
     want = {"a": [flat, a.shape[2], a.shape[3]], "b": [flat, b.shape[2], b.shape[3]],
             "out": [*batch, a.shape[2], b.shape[3]]}
@@ -292,7 +251,11 @@ q_scaled = Call(aten.mul.Tensor, q, Literal("q_scale", where=is_number), commuta
 k_scaled = Call(aten.mul.Tensor, k, Literal("k_scale", where=is_number), commutative=True) | k
 k_transposed = (Call(aten.transpose.int, k_scaled, Literal("kt_dim0"), Literal("kt_dim1"))
                 | Call(aten.permute.default, k_scaled, Literal("kt_perm")))
-written_out = flat_matmul(softmax_of(flat_matmul(q_scaled, k_transposed, "scores")), v, "out")
+_scores = score_chain(flat_matmul(q_scaled, k_transposed, "scores"))
+_probs = softmax_of(_scores) | sink_softmax(masked_scores(_scores))
+# Falcon views the probabilities to the shape they have before the second matmul.
+_probs = Call(_VIEWS, _probs, ANY, name="probs_view") | _probs
+written_out = flat_matmul(_probs, v, "out")
 
 
 def _is_last_two(m: Match) -> bool:
@@ -301,8 +264,9 @@ def _is_last_two(m: Match) -> bool:
     return {m["kt_dim0"] % 4, m["kt_dim1"] % 4} == {2, 3}
 
 
-def check_written_out(m: Match, ctx=None) -> str | None:
-    qv, kv, vv = _val(m["q"]), _val(m["k"]), _val(m["v"])
+def _written_out_plan(m: Match) -> AttentionPlan | str:
+    """The plan of a written-out match, or why it is refused."""
+    qv, kv, vv = val(m["q"]), val(m["k"]), val(m["v"])
     if qv.dim() != 4 or kv.dim() != 4:
         return f"q/k of rank {qv.dim()}/{kv.dim()}; the op takes [B, H, L, D]"
     if not _is_last_two(m):
@@ -310,25 +274,40 @@ def check_written_out(m: Match, ctx=None) -> str | None:
     for name in ("scores", "out"):
         if reason := matmul_problem(m, name):
             return reason
-    if reason := chain_problem(m, _val(m["scores"]).shape):
+    if "probs_view" in m.captures and not same_shape_view(m["probs_view"]):
+        return "the probabilities are reshaped before the second matmul"
+    scores = val(m["scores"]).shape
+    if reason := chain_problem(m, scores):
         return reason
-    if softmax_dim(m) % 4 != 3:
+    sinks = None
+    if "sink_cat" in m.captures:
+        sinks = sinks_of(m)
+        if isinstance(sinks, str):
+            return sinks
+    elif softmax_dim(m) % 4 != 3:
         return f"softmax over dim {softmax_dim(m)}, not over the keys"
     if dtype_of(m.anchor) != qv.dtype:
         return f"output is {dtype_of(m.anchor)} but q is {qv.dtype}"
-    if "mask" in m.captures and m["fill"] != -math.inf:
-        return (f"mask fill {m['fill']} is not -inf: masked_fill replaces the masked scores "
-                "(a row masked everywhere averages V), where the op drops the keys")
     for name in "kv":
         if reason := _repeat_problem(m, name):
             return reason
-    return qkv_problem(qv, kv, vv)
+    if reason := qkv_problem(qv, kv, vv):
+        return reason
+    plan = plan_scores(m, scores)
+    if isinstance(plan, AttentionPlan):
+        plan.scale *= float(m.get("q_scale", 1.0)) * float(m.get("k_scale", 1.0))
+        plan.sinks = sinks
+    return plan
+
+
+def check_written_out(m: Match, ctx=None) -> str | None:
+    plan = _written_out_plan(m)
+    return plan if isinstance(plan, str) else None
 
 
 def rewrite_written_out(m: Match, graph: fx.Graph, ctx) -> fx.Node:
-    scale = softmax_scale(m) * float(m.get("q_scale", 1.0)) * float(m.get("k_scale", 1.0))
-    return _emit(graph, ctx, m, _tensor_scaled(graph, m, m["q"]), m["k"], m["v"], scale,
-                 m.get("bias"), m.get("mask"))
+    return emit_attention(graph, ctx, _tensor_scaled(graph, m, m["q"]), m["k"], m["v"],
+                          _written_out_plan(m))
 
 
 def _tensor_scaled(graph: fx.Graph, m: Match, q: fx.Node) -> fx.Node:
@@ -337,23 +316,8 @@ def _tensor_scaled(graph: fx.Graph, m: Match, q: fx.Node) -> fx.Node:
     if "scale_tensor" not in m.captures:
         return q
     scale = insert_call(graph, prims.convert_element_type.default,
-                        (m["scale_tensor"], _val(q).dtype))
+                        (m["scale_tensor"], val(q).dtype))
     return insert_call(graph, aten.mul.Tensor, (q, scale))
-
-
-def _emit(graph: fx.Graph, ctx, m: Match, q: fx.Node, k: fx.Node, v: fx.Node, scale: float,
-          bias: fx.Node | None, mask: fx.Node | None) -> fx.Node:
-    """The attention call for a written-out match: an additive `bias` and a boolean `mask`
-    (marking keys to drop, or to keep when the match says `masked_keep`) in the scores' shape."""
-    attn_mask = bias
-    if mask is not None:  # the kernel's boolean mask marks keys to attend
-        attn_mask = mask if "masked_keep" in m.captures else insert_call(
-            graph, aten.logical_not.default, (mask,))
-        if bias is not None:  # both: an additive mask that is -inf where the bool one says
-            attn_mask = insert_call(graph, aten.where.ScalarOther, (attn_mask, bias, -math.inf))
-    attn_mask, is_causal = _mask_or_causal(attn_mask, False, _val(q), _val(k))
-    return insert_call(graph, torch.ops.attnopt.attention.default, (
-        q, k, v, attn_mask, is_causal, scale), {"impl": ctx.options.kernels})
 
 
 # --- batched: 3-D bmm / baddbmm attention and einsum, through any chain of views ---------------
@@ -393,7 +357,7 @@ def _operand(node: fx.Node, tag: str) -> Operand | None:
     while chain[-1].op == "call_function" and chain[-1].target in _CHAIN:
         chain.append(chain[-1].args[0])
     for source in reversed(chain):
-        lay = layout.trace(node, {source: layout.source_layout(tag, _val(source).shape)})
+        lay = layout.trace(node, {source: layout.source_layout(tag, val(source).shape)})
         if lay is None or len(lay.axes) != 3:
             continue
         batch, rows, cols = (tuple(d for d in a if not lay.is_unit(d)) for a in lay.axes)
@@ -428,7 +392,7 @@ def batched_plan(m: Match) -> tuple[dict, int] | str:
     axes = layout.drop_units(scores.axes, scores)
     if tuple(d for a in axes[:-2] for d in a) != q.batch or axes[-2:] != (q.rows, k.cols):
         return f"the scores are not laid out [batch..., q, k] (axes {axes})"
-    if reason := chain_problem(m, _val(m["scores"]).shape):
+    if reason := chain_problem(m, val(m["scores"]).shape):
         return reason
     if softmax_dim(m) % len(scores.axes) != len(scores.axes) - 1:
         return f"softmax over dim {softmax_dim(m)}, not over the keys"
@@ -437,9 +401,8 @@ def batched_plan(m: Match) -> tuple[dict, int] | str:
         return "the probabilities reach the second bmm in another layout than [batch, q, k]"
     if m.get("beta", 1.0) not in (0.0, 1.0):
         return f"baddbmm beta={m['beta']} scales the added scores"
-    if "mask" in m.captures and m["fill"] != -math.inf:
-        return (f"mask fill {m['fill']} is not -inf: masked_fill replaces the masked scores "
-                "(a row masked everywhere averages V), where the op drops the keys")
+    if "mask" in m.captures and (reason := float_mask_fill_problem(m["fill"])):
+        return reason
     if len(scores.axes) not in (3, 4) and ({"mask", "bias"} & set(m.captures)):
         return f"a mask on rank-{len(scores.axes)} scores"
     if len(q.batch) > 2 and ({"mask", "bias", "bias3"} & set(m.captures)):
@@ -451,8 +414,8 @@ def check_batched(m: Match, ctx=None) -> str | None:
     plan = batched_plan(m)
     if isinstance(plan, str):
         return plan
-    if dtype_of(m.anchor) != _val(m["q3"]).dtype:
-        return f"output is {dtype_of(m.anchor)} but q is {_val(m['q3']).dtype}"
+    if dtype_of(m.anchor) != val(m["q3"]).dtype:
+        return f"output is {dtype_of(m.anchor)} but q is {val(m['q3']).dtype}"
     return None
 
 
@@ -460,7 +423,7 @@ def _as_bhld(graph: fx.Graph, op: Operand, rows: tuple, cols: tuple) -> fx.Node:
     """The source as the op's [B, H, rows, cols]: a permute when the dims are out of order, then
     flatten/unsqueeze (no sizes in the graph, so symbolic shapes stay symbolic). Extra batch
     dims fold into B."""
-    rank = _val(op.source).dim()
+    rank = val(op.source).dim()
     used = [i for _, i in (*op.batch, *rows, *cols)]
     units = [i for i in range(rank) if i not in used]  # size 1: where they go is free
     node = op.source
@@ -479,9 +442,9 @@ def _as_bhld(graph: fx.Graph, op: Operand, rows: tuple, cols: tuple) -> fx.Node:
 
 def _mask_4d(graph: fx.Graph, node: fx.Node | None, scores_rank: int, q: Operand):
     """A mask laid out like rank-3 scores [B*H, q, k] as the op's [B, H, q, k]."""
-    if node is None or scores_rank == 4 or _val(node).dim() < 3:
+    if node is None or scores_rank == 4 or val(node).dim() < 3:
         return node
-    if layout.same(_val(node).shape[0], 1) or len(q.batch) < 2:
+    if layout.same(val(node).shape[0], 1) or len(q.batch) < 2:
         return insert_call(graph, aten.unsqueeze.default, (node, 0))
     heads = q.sizes[q.batch[-1]]
     if not isinstance(heads, int):  # a symbolic head count: read it off q
@@ -500,8 +463,10 @@ def rewrite_batched(m: Match, graph: fx.Graph, ctx) -> fx.Node:
         bias3 = _mask_4d(graph, m["bias3"], 3, q)
         bias = bias3 if bias is None else insert_call(graph, aten.add.Tensor, (bias3, bias))
     mask = _mask_4d(graph, m.get("mask"), rank, q)
-    scale = softmax_scale(m) * float(m.get("alpha", 1.0))
-    out = _emit(graph, ctx, m, _tensor_scaled(graph, m, q4), k4, v4, scale, bias, mask)
+    plan = AttentionPlan(scale=softmax_scale(m) * float(m.get("alpha", 1.0)),
+                         additive=[] if bias is None else [(bias, 1.0)], bool_mask=mask,
+                         drop="masked_keep" not in m.captures)
+    out = emit_attention(graph, ctx, _tensor_scaled(graph, m, q4), k4, v4, plan)
     return insert_call(graph, aten.flatten.using_ints, (out, 0, 1))  # [B*H, q, dv] as the bmm
 
 
@@ -510,4 +475,6 @@ attention_pass = PatternPass("attention", counts_as="attention", rules=[
     Rule("written_out", written_out, rewrite_written_out, check_written_out,
          through=widening_cast),
     Rule("batched", batched, rewrite_batched, check_batched, through=widening_cast),
+    flex_rule,
+    *encoder_rules,
 ], explain=explain_attention)

@@ -66,6 +66,7 @@ from attnopt.compiler.pattern import (
     bound_arguments,
 )
 from attnopt.compiler.rewrite import PatternPass
+from attnopt.passes.attention_call import VARIANT_DEFAULTS, given_variants
 
 aten, attnopt = torch.ops.aten, torch.ops.attnopt
 _ALIASES = frozenset({aten.alias.default})
@@ -78,9 +79,18 @@ def _cached(kv: str, read: Pattern) -> Pattern:
     return Call(aten.slice.Tensor, whole, 2, 0, Capture(f"{kv}_end")) | whole
 
 
+# The variants of attnopt::attention (reference.ScoreMods), carried over to paged_attention.
+VARIANTS = tuple(VARIANT_DEFAULTS)
+
+
 def _attention(k: Chain, v: Chain) -> Call:
     return Call(attnopt.attention.default, Capture("q"), k, v, Capture("mask"),
-                Literal("is_causal"), Literal("scale"), impl=Literal("impl"))
+                Literal("is_causal"), Literal("scale"), impl=Literal("impl"),
+                **{name: Capture(name) for name in VARIANTS})
+
+
+def _variants(m: Match) -> dict:
+    return given_variants({name: m[name] for name in VARIANTS})
 
 
 # --- paged: PagedKVCache's gather fallback --------------------------------------------------------
@@ -175,9 +185,14 @@ def check(m: Match, ctx) -> str | None:
                 "each sequence's length; left as it is")
     if m["is_causal"]:
         return "is_causal over the cache's capacity is not a causal mask over the cached tokens"
-    k, mask = m["k"].meta["val"], m["mask"].meta["val"]
-    if not layout.same(mask.shape[-1], k.shape[2]):
-        return f"the mask's key dim ({mask.shape[-1]}) does not span the cache ({k.shape[2]})"
+    if m["alibi_slopes"] is not None or m["window_left"] >= 0 or m["window_right"] >= 0:
+        return ("ALiBi or a window over the cache's capacity counts positions from its end, "
+                "not from each sequence's last token")
+    k = m["k"].meta["val"]
+    for what, t in (("mask", m["mask"]), *(("a bias", b) for b in m["biases"] or ())):
+        if not layout.same(t.meta["val"].shape[-1], k.shape[2]):
+            return (f"{what}'s key dim ({t.meta['val'].shape[-1]}) does not span the cache "
+                    f"({k.shape[2]})")
     return None
 
 
@@ -189,7 +204,7 @@ def _check_prefill(m: Match) -> str | None:
     ends = [layout.value(m.get(f"{kv}_end")) for kv in "kv"]
     if not all(end is not None and layout.same(end, lq) for end in ends):
         return "K/V are cut to another length than the queries'"
-    if m["mask"] is not None or not m["is_causal"]:
+    if m["mask"] is not None or not m["is_causal"] or m["biases"]:
         return "K/V cut to the queries' length without the causal flag alone"
     return None
 
@@ -199,7 +214,7 @@ def _paged_attention(graph: fx.Graph, m: Match, k_pool, v_pool, table, lens, k_s
     scale = m["scale"] if m["scale"] is not None else m["q"].meta["val"].shape[-1] ** -0.5
     return insert_call(graph, attnopt.paged_attention.default,
                        (m["q"], k_pool, v_pool, table, lens, scale, m["is_causal"], m["impl"],
-                        k_scale, v_scale, m["mask"]))
+                        k_scale, v_scale, m["mask"]), _variants(m))
 
 
 # --- dynamic: DynamicCache's cat ----------------------------------------------------------------
@@ -233,7 +248,7 @@ def rewrite_dynamic(m: Match, graph: fx.Graph, ctx) -> fx.Node:
     (past_k, k), (past_v, v) = (bound_arguments(m[f"{kv}_present"])["tensors"] for kv in "kv")
     call = insert_call(graph, attnopt.attention_with_past.default,
                        (m["q"], k, v, past_k, past_v, m["mask"], m["is_causal"], m["scale"]),
-                       {"impl": m["impl"]})
+                       {"impl": m["impl"], **_variants(m)})
     out, present_k, present_v = (insert_call(graph, operator.getitem, (call, i))
                                  for i in range(3))
     for cat, present in ((m["k_present"], present_k), (m["v_present"], present_v)):

@@ -33,7 +33,7 @@ MATMULS = {aten.bmm.default, aten.baddbmm.default, aten.mm.default, aten.addmm.d
            aten.matmul.default}
 # What the attention patterns read through between the scores and the softmax, and between the
 # softmax and the second matmul: any other op there is why an attention-shaped softmax was not
-# taken (a tanh softcap, the cat of attention sinks, a slice after the softmax).
+# taken (a softcap spelled with a multiply, an op between the sink column and the softmax).
 _KNOWN = {aten.view.default, aten._unsafe_view.default, aten.reshape.default,
           aten.expand.default, aten.clone.default, aten.alias.default, aten.permute.default,
           aten.transpose.int, aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims,
@@ -66,10 +66,23 @@ def _walk(start: list[fx.Node], step, stop: set) -> tuple[fx.Node | None, list[s
         seen.add(node)
         if node.target in stop:
             return node, unknown
-        if node.target not in _KNOWN and short_target(node) not in unknown:
-            unknown.append(short_target(node))
+        name = short_target(node)
+        if _to_float64(node):  # a known op, but fp64 math the op (fp32) does not do
+            name += " to float64"
+        if (node.target not in _KNOWN or _to_float64(node)) and name not in unknown:
+            unknown.append(name)
         queue.extend(step(node))
     return None, unknown
+
+
+def _to_float64(node: fx.Node) -> bool:
+    """A cast of narrower floats to float64 (the op computes in fp32)."""
+    val = node.meta.get("val")
+    source = node.args[0].meta.get("val") if node.args and isinstance(node.args[0], fx.Node) \
+        else None
+    return (node.target in (aten._to_copy.default, prims.convert_element_type.default)
+            and isinstance(val, torch.Tensor) and val.dtype == torch.float64
+            and isinstance(source, torch.Tensor) and source.dtype != torch.float64)
 
 
 def explain_attention(node: fx.Node) -> str | None:
@@ -78,10 +91,11 @@ def explain_attention(node: fx.Node) -> str | None:
                 "not a form the pass matches")
     if node.target in NATIVE_ATTENTION:
         return (f"{short_target(node)} (PyTorch's fused encoder fast path) is left as it is: "
-                "its attention is inside one ATen kernel the pass does not decompose")
+                "its outputs are read in a way the pass does not decompose (the attention "
+                "weights, say)")
     if getattr(node.target, "__name__", "") == "flex_attention":
-        return ("flex_attention is not rewritten: its score_mod/mask_mod programs are not "
-                "matched yet; the call runs as torch compiles it")
+        return ("flex_attention is left as it is: its outputs beyond the attention (the "
+                "log-sum-exp, for a backward) are read; the call runs as torch compiles it")
     if not is_softmax(node):
         return None
     scores, before = _walk([a for a in node.all_input_nodes], lambda n: n.all_input_nodes,

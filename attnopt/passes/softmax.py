@@ -46,11 +46,10 @@ def _is_float(dtype: torch.dtype) -> bool:
     return dtype.is_floating_point
 
 
-def softmax_of(x: Pattern) -> Pattern:
-    """The whole chain around a softmax of `x`; the attention pass reuses it with `x` = q @ kᵀ.
-
-    Captures: scale | divisor, bias, mask + fill (+ masked | masked_keep), dim | max_dims +
-    sum_dims, safe, out_dtype."""
+def masked_scores(x: Pattern) -> Pattern:
+    """x ─[* scale | / d]─[+ bias]─[mask]: the pre-ops of a softmax (the attention pass reads
+    attention sinks' scores with it). Captures: scale | divisor | scale_tensor, bias, mask +
+    fill (+ masked | masked_keep)."""
     scaled = optional(
         Call(aten.mul.Tensor, x, Literal("scale", where=is_number), commutative=True)
         | Call(aten.div.Tensor, x, Literal("divisor", where=is_number))
@@ -80,6 +79,14 @@ def softmax_of(x: Pattern) -> Pattern:
         | Call(aten.where.self, bool_mask, biased, fill_value, name="masked_keep"),
         through=biased,
     )
+    return masked
+
+
+def softmax_of(x: Pattern) -> Pattern:
+    """The whole chain around a softmax of `x`; the attention pass reuses it with `x` = q @ kᵀ.
+
+    Captures: those of `masked_scores`, dim | max_dims + sum_dims, safe, out_dtype."""
+    masked = masked_scores(x)
     dim = Literal("dim", where=lambda d: isinstance(d, int))
     # The row maximum: amax(s, dims, keepdim=True), or s.max(dim, keepdim=True).values.
     row_max = (Call(aten.amax.default, masked, Literal("max_dims"), True)

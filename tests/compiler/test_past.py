@@ -27,6 +27,11 @@ def build(name: str) -> torch.nn.Module:
     if name == "llama":
         config = transformers.LlamaConfig(num_key_value_heads=2, **common)
         return transformers.LlamaForCausalLM(config).eval()
+    if name == "gemma2":  # its attention softcap, through ONNX's Attention with the past
+        config = transformers.Gemma2Config(num_key_value_heads=2, head_dim=HEAD_DIM,
+                                           query_pre_attn_scalar=HEAD_DIM, sliding_window=64,
+                                           attn_implementation="eager", **common)
+        return transformers.Gemma2ForCausalLM(config).eval()
     config = transformers.MistralConfig(num_key_value_heads=1, sliding_window=4, **common)
     return transformers.MistralForCausalLM(config).eval()
 
@@ -113,7 +118,7 @@ def test_compiled_step_keeps_the_dynamic_cache_with_its_reason():
 # --- ONNX ---------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module", params=["llama", "mistral"])
+@pytest.fixture(scope="module", params=["llama", "mistral", "gemma2"])
 def exported(request, tmp_path_factory):
     pytest.importorskip("onnxruntime")
     model = build(request.param)

@@ -328,16 +328,26 @@ def test_chunked_prefill_causal_is_bottom_right():
     torch.testing.assert_close(gm(short_q, K, V, BOOL, ADD), fn(short_q, K, V, BOOL, ADD))
 
 
-@pytest.mark.parametrize("kind", ["window", "shifted"])
-def test_other_constant_masks_stay_tensors(kind):
-    kw = {"window": 3} if kind == "window" else {"offset": -1}
-    fn = lambda q, k, v, b, a: masked_by_arange(q, k, v, **kw)
+@pytest.mark.parametrize(("lq", "window"), [(8, 3), (3, 3), (8, 1), (8, 8)])
+def test_constant_sliding_window_mask_becomes_flag_and_window(lq, window):
+    # Mistral's and Gemma's sliding window without padding: keys p - window < j <= p. The
+    # window 8 covers every key: just causal. The kernel reads no mask.
+    fn = lambda q, k, v, b, a: masked_by_arange(q, k, v, window=window)
+    args = (Q[:, :, :lq], K, V, BOOL, ADD)
+    gm = aten_graph(fn, *args)
+    assert run_pass(gm) == (1, [])
+    node = attention_node(gm)
+    assert node.args[3] is None and node.args[4] is True
+    assert node.kwargs.get("window_left", -1) == (window - 1 if window < 8 else -1)
+    torch.testing.assert_close(gm(*args), fn(*args))
+
+
+def test_shifted_causal_mask_stays_a_tensor():
+    fn = lambda q, k, v, b, a: masked_by_arange(q, k, v, offset=-1)
     gm = aten_graph(fn, *INPUTS)
     assert run_pass(gm) == (1, [])
     node = attention_node(gm)
     assert node.args[3] is not None and node.args[4] is False
-    if kind == "window":  # "shifted" leaves row 0 without keys: NaN in eager, 0 here
-        torch.testing.assert_close(gm(*INPUTS), fn(*INPUTS))
 
 
 def test_mask_that_reads_an_input_stays_a_tensor():

@@ -175,9 +175,10 @@ def paged_latent_attention(
         DOT_IN_FP32=interpreting() and q_lat.dtype == torch.bfloat16, SPLIT_LEN=chunk,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=block_r, BLOCK_P=triton.next_power_of_2(rope),
         num_warps=8 if block_r >= 256 else 4)
-    _paged_merge_kernel[(b * h * lq,)](
-        out, o_part, m_part, l_part, seq_lens, h, lq, rank, num_splits, NATURAL=natural,
-        SPLIT_LEN=chunk, BLOCK_S=min(16, triton.next_power_of_2(num_splits)), BLOCK_DV=block_r)
+    _paged_merge_kernel[(b * h * lq,)](  # no sinks, no window: their arguments unused
+        out, o_part, m_part, l_part, seq_lens, out, h, lq, rank, num_splits, 0,
+        NATURAL=natural, HAS_SINKS=False, BOUND_LEFT=False, SPLIT_LEN=chunk,
+        BLOCK_S=min(16, triton.next_power_of_2(num_splits)), BLOCK_DV=block_r)
     return out
 
 

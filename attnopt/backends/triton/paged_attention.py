@@ -37,6 +37,11 @@ or past the sequence's end. A bool mask drops keys; an additive one is added to 
 which then stay in natural units (`triton.attention` says why: a row whose keys are all masked
 by finfo.min averages V over them, as eager does). A chunk in which a row sees no key stores
 o_s = 0 and l_s = 0, so a row that sees no key at all gives 0.
+
+The variants (`reference.ScoreMods`: softcap, biases laid out as the mask, ALiBi, window,
+sinks) are `triton.attention`'s, each key's position among its sequence's keys: p_i =
+seq_lens[b] - Lq + i. A window's keys before the band of the sequence's first query row are
+neither read nor merged: the split phase skips their chunks, and the merge starts at the band.
 """
 
 from __future__ import annotations
@@ -54,7 +59,10 @@ from attnopt.backends.triton.attention import (
     _exp,
     _finite_or_zero,
     _fold,
+    _modify,
     _store_partial,
+    _with_sink,
+    variants,
 )
 
 # Keys per chunk of the split phase by default: long enough that a chunk's partial output and
@@ -77,17 +85,27 @@ def _load_kv_tile(pool, scale, blk, row, hkv, sb, sn, sh, sd, ssb, ssn, ssh, off
 
 
 @triton.jit
+def _band_start(seq_len, Lq, left, BOUND_LEFT: tl.constexpr):
+    """The first key any query row of a sequence of seq_len keys keeps: p_0 - left, p_0 =
+    seq_len - Lq; 0 without a left edge."""
+    if BOUND_LEFT:
+        return tl.maximum(seq_len - Lq - left, 0)
+    return 0
+
+
+@triton.jit
 def _paged_split_kernel(
     o_part, m_part, l_part,
     q, sqb, sqh, sqm, sqd,
     k_pool, skb, skn, skh, skd, v_pool, svb, svn, svh, svd,
     k_scale, sksb, sksn, sksh, v_scale, svsb, svsn, svsh,
-    block_table, stb, stj, seq_lens, mask, smb, smh, smm, smn,
-    Hq, Hkv, Lq, D, Dv, block_size, num_splits, qk_scale,
-    HAS_MASK: tl.constexpr, BOOL_MASK: tl.constexpr, IS_CAUSAL: tl.constexpr,
-    NATURAL: tl.constexpr, QUANTIZED: tl.constexpr, DOT_IN_FP32: tl.constexpr,
-    SPLIT_LEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    block_table, stb, stj, seq_lens, mask, smb, smh, smm, smn, biases, bias_strides, slopes,
+    Hq, Hkv, Lq, D, Dv, block_size, num_splits, qk_scale, softcap, left, right,
+    SOFTCAP: tl.constexpr, NUM_BIASES: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    HAS_MASK: tl.constexpr, BOOL_MASK: tl.constexpr, BOUND_LEFT: tl.constexpr,
+    BOUND_RIGHT: tl.constexpr, NATURAL: tl.constexpr, QUANTIZED: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr, SPLIT_LEN: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """Phase 1: keys [split · SPLIT_LEN, (split + 1) · SPLIT_LEN) of one (batch, KV head)
     against BLOCK_M of the group's (query head, query row) pairs."""
@@ -107,7 +125,10 @@ def _paged_split_kernel(
     seq_len = tl.load(seq_lens + b).to(tl.int32)
     lo = split * SPLIT_LEN
     hi = tl.minimum(lo + SPLIT_LEN, seq_len)
-    if lo < seq_len:  # chunks past the sequence's end do nothing; the merge never reads them
+    first = _band_start(seq_len, Lq, left, BOUND_LEFT)
+    # Chunks past the sequence's end, or wholly before its band, do nothing; the merge never
+    # reads them.
+    if (lo < seq_len) & (hi > first):
         q_blk = tl.load(
             q + b * sqb + h[:, None] * sqh + q_pos[:, None] * sqm + offs_d[None, :] * sqd,
             mask=row_ok[:, None] & (offs_d < D)[None, :], other=0.0)
@@ -116,7 +137,7 @@ def _paged_split_kernel(
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         table_row = block_table + b * stb
         mask_rows = mask + b * smb + h * smh + q_pos * smm  # row i of query head h's mask
-        for start in range(lo, hi, BLOCK_N):
+        for start in range(tl.maximum(lo, first // BLOCK_N * BLOCK_N), hi, BLOCK_N):
             cols = start + offs_n
             key_ok = cols < hi
             # Each key's address: its block from the table, its row within the block.
@@ -125,18 +146,10 @@ def _paged_split_kernel(
             row = cols % block_size
             k_blk = _load_kv_tile(k_pool, k_scale, blk, row, hkv, skb, skn, skh, skd,
                                   sksb, sksn, sksh, offs_d, key_ok, D, q_blk.dtype, QUANTIZED)
-            s = _dot(q_blk, tl.trans(k_blk), DOT_IN_FP32) * qk_scale
-            keep = key_ok[None, :]
-            if HAS_MASK:
-                mk = tl.load(mask_rows[:, None] + cols[None, :] * smn,
-                             mask=row_ok[:, None] & key_ok[None, :], other=0)
-                if BOOL_MASK:
-                    keep = keep & (mk != 0)
-                else:  # NATURAL scores: the mask is added as eager adds it
-                    s += mk.to(tl.float32)
-            if IS_CAUSAL:
-                keep = keep & (cols[None, :] <= q_pos[:, None] + (seq_len - Lq))
-            s = tl.where(keep, s, float("-inf"))
+            s = _modify(_dot(q_blk, tl.trans(k_blk), DOT_IN_FP32) * qk_scale, cols, key_ok,
+                        row_ok, b, h, q_pos, seq_len - Lq, softcap, biases, bias_strides,
+                        slopes, mask_rows, smn, left, right, SOFTCAP, NUM_BIASES, HAS_ALIBI,
+                        HAS_MASK, BOOL_MASK, BOUND_LEFT, BOUND_RIGHT)
             v_blk = _load_kv_tile(v_pool, v_scale, blk, row, hkv, svb, svn, svh, svd,
                                   svsb, svsn, svsh, offs_dv, key_ok, Dv, q_blk.dtype,
                                   QUANTIZED)
@@ -150,13 +163,13 @@ def _paged_split_kernel(
 
 @triton.jit
 def _paged_merge_kernel(
-    out, o_part, m_part, l_part, seq_lens, Hq, Lq, Dv, num_splits,
-    NATURAL: tl.constexpr, SPLIT_LEN: tl.constexpr, BLOCK_S: tl.constexpr,
-    BLOCK_DV: tl.constexpr,
+    out, o_part, m_part, l_part, seq_lens, sinks, Hq, Lq, Dv, num_splits, left,
+    NATURAL: tl.constexpr, HAS_SINKS: tl.constexpr, BOUND_LEFT: tl.constexpr,
+    SPLIT_LEN: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """Phase 2: out[row] for one of the B · Hq · Lq rows, from the chunks of its sequence that
-    hold keys, merged with a running maximum of their m. No chunk, or only chunks that saw no
-    key (l_s = 0), gives 0."""
+    hold keys of its band, merged with a running maximum of their m, and the head's sink. No
+    chunk, or only chunks that saw no key (l_s = 0), and no sink gives 0."""
     row = tl.program_id(0).to(tl.int64)
     b = row // (Hq * Lq)
     seq_len = tl.load(seq_lens + b).to(tl.int32)
@@ -166,7 +179,7 @@ def _paged_merge_kernel(
     m = tl.full([1], float("-inf"), dtype=tl.float32)
     total = tl.zeros([1], dtype=tl.float32)
     acc = tl.zeros([BLOCK_DV], dtype=tl.float32)
-    for s0 in range(0, used, BLOCK_S):
+    for s0 in range(_band_start(seq_len, Lq, left, BOUND_LEFT) // SPLIT_LEN, used, BLOCK_S):
         splits = s0 + offs_s
         ok = splits < used
         part = row * num_splits + splits
@@ -180,6 +193,7 @@ def _paged_merge_kernel(
         acc = acc * alpha + tl.sum(w[:, None] * o, axis=0)
         total = total * alpha + tl.sum(w, axis=0)
         m = m_new
+    acc, total = _with_sink(acc, total, m, sinks, row // Lq % Hq, NATURAL, HAS_SINKS)
     y = acc / tl.where(total > 0, total, 1.0)
     tl.store(out + row * Dv + offs_dv, y.to(out.dtype.element_ty), mask=offs_dv < Dv)
 
@@ -195,6 +209,7 @@ def paged_attention(
     k_scale: Tensor | None = None,
     v_scale: Tensor | None = None,
     mask: Tensor | None = None,
+    mods: reference.ScoreMods = reference.PLAIN,
     *,
     split_len: int | None = None,
     block_m: int | None = None,
@@ -208,7 +223,7 @@ def paged_attention(
     block_m / block_n; split_len is rounded up to a multiple of block_n.
     """
     reference.check_paged_attention(q, k_pool, v_pool, block_table, seq_lens, k_scale, v_scale,
-                                    mask)
+                                    mask, mods)
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise TypeError(f"paged attention kernel supports fp16, bf16 and fp32, got {q.dtype}")
     b, hq, lq, d = q.shape
@@ -218,34 +233,35 @@ def paged_attention(
     if out.numel() == 0:
         return out
     quantized = k_pool.dtype == torch.int8
+    capacity = block_table.shape[1] * block_size
 
     rows = hq // hkv * lq  # tl.dot needs 16 rows; past 64 rows of q and acc would spill
     bm = block_m or min(64, max(16, triton.next_power_of_2(rows)))
     bn = block_n or (32 if interpreting() else 64)
     chunk = triton.cdiv(split_len or SPLIT_LEN, bn) * bn
-    num_splits = max(1, triton.cdiv(block_table.shape[1] * block_size, chunk))
+    num_splits = max(1, triton.cdiv(capacity, chunk))
     o_part = torch.empty((b, hq, lq, num_splits, dv), dtype=torch.float32, device=q.device)
     m_part, l_part = torch.empty((2, b, hq, lq, num_splits), dtype=torch.float32,
                                  device=q.device)
-    natural = mask is not None and mask.dtype != torch.bool  # additive: natural-unit scores
+    var = variants(mods, mask, is_causal, q, (b, hq, lq, capacity))
+    biases, bias_strides, slopes, sinks = var.args
     # Without int8 the scale pointers are unused: any tensor with zero strides will do.
     ks = (k_scale, *k_scale.stride()) if quantized else (q, 0, 0, 0)
     vs = (v_scale, *v_scale.stride()) if quantized else (q, 0, 0, 0)
     # The mask is read through the strides of its broadcast view: stride 0 on broadcast dims.
     ms = (q, 0, 0, 0, 0) if mask is None else (mask, *mask.expand(b, hq, lq, -1).stride())
+    block_dv = triton.next_power_of_2(dv)
     _paged_split_kernel[(b * hkv, num_splits, triton.cdiv(rows, bm))](
         o_part, m_part, l_part, q, *q.stride(), k_pool, *k_pool.stride(), v_pool, *v_pool.stride(),
-        *ks, *vs, block_table, *block_table.stride(), seq_lens, *ms,
+        *ks, *vs, block_table, *block_table.stride(), seq_lens, *ms, biases, bias_strides, slopes,
         hq, hkv, lq, d, dv, block_size, num_splits,
-        float(scale) * (1.0 if natural else LOG2E.value),
-        HAS_MASK=mask is not None, BOOL_MASK=mask is not None and mask.dtype == torch.bool,
-        IS_CAUSAL=bool(is_causal), NATURAL=natural, QUANTIZED=quantized,
-        DOT_IN_FP32=interpreting() and q.dtype == torch.bfloat16, SPLIT_LEN=chunk,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=triton.next_power_of_2(d),
-        BLOCK_DV=triton.next_power_of_2(dv), num_warps=4)
+        float(scale) * (1.0 if var.natural else LOG2E.value), float(mods.softcap), var.left,
+        var.right, **var.split_flags(QUANTIZED=quantized, SPLIT_LEN=chunk, BLOCK_M=bm, BLOCK_N=bn,
+                                     BLOCK_D=triton.next_power_of_2(d), BLOCK_DV=block_dv),
+        num_warps=4)
     _paged_merge_kernel[(b * hq * lq,)](
-        out, o_part, m_part, l_part, seq_lens, hq, lq, dv, num_splits, NATURAL=natural,
-        SPLIT_LEN=chunk,
-        BLOCK_S=min(16, triton.next_power_of_2(num_splits)),
-        BLOCK_DV=triton.next_power_of_2(dv))
+        out, o_part, m_part, l_part, seq_lens, sinks, hq, lq, dv, num_splits, var.left,
+        NATURAL=var.natural, HAS_SINKS=var.flags["HAS_SINKS"],
+        BOUND_LEFT=var.flags["BOUND_LEFT"], SPLIT_LEN=chunk,
+        BLOCK_S=min(16, triton.next_power_of_2(num_splits)), BLOCK_DV=block_dv)
     return out
