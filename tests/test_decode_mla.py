@@ -127,11 +127,12 @@ def test_latent_cache_size_and_no_recompiles():
     assert counters["stats"]["unique_graphs"] == 2
 
 
-def test_sdpa_prefill_into_an_empty_cache_is_absorbed():
+def test_sdpa_prefill_and_decode_are_absorbed():
     # Without padding, transformers' SDPA prefill drops the mask and cuts K/V to the new
     # tokens with is_causal: the paged op's causal mode over each sequence's length. On CPU
     # SDPA decomposes attention whose value head dim differs from the key's into its math
-    # form (q and K each scaled by √scale), which the mla pass folds into the scale.
+    # form (q and K each scaled by √scale), which the mla pass folds into the scale; at one
+    # query (decode) that form's 3-D products have a size-1 row axis.
     model = build("v3", attn="sdpa")
     inputs = prompts(2, 6, pad=0)
     want = generate(model, inputs)
@@ -141,6 +142,9 @@ def test_sdpa_prefill_into_an_empty_cache_is_absorbed():
     calls = [line for line in prefill.passes[-1].after if "paged_latent_attention(" in line]
     assert len(calls) == LAYERS and all(", True, 'auto', None, None, None)" in line
                                         for line in calls)
+    decode = attnopt.reports()[-1]
+    assert decode.pass_record("mla").rewrites == LAYERS
+    assert sum("paged_latent_attention(" in line for line in decode.passes[-1].after) == LAYERS
 
 
 def test_int8_latent_cache_compiled_matches_int8_cache_eager():

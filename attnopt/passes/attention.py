@@ -360,10 +360,19 @@ def _operand(node: fx.Node, tag: str) -> Operand | None:
         lay = layout.trace(node, {source: layout.source_layout(tag, val(source).shape)})
         if lay is None or len(lay.axes) != 3:
             continue
-        batch, rows, cols = (tuple(d for d in a if not lay.is_unit(d)) for a in lay.axes)
-        if len(rows) == 1 and len(cols) == 1:
+        batch, rows, cols = _matrix_axes(lay.axes, lay)
+        if len(rows) <= 1 and len(cols) <= 1:
             return Operand(source, lay.sizes, batch, rows, cols)
     return None
+
+
+def _matrix_axes(axes: tuple, lay: layout.Layout) -> tuple[tuple, tuple, tuple]:
+    """(batch dims, row dims, column dims) of a [batch..., rows, cols] layout without its
+    size-1 source dims. Rows or columns left empty have size 1 (a decode step's single
+    query): which size-1 dim, if any, they came from holds no data."""
+    batch = tuple(d for a in axes[:-2] for d in a if not lay.is_unit(d))
+    rows, cols = (tuple(d for d in a if not lay.is_unit(d)) for a in axes[-2:])
+    return batch, rows, cols
 
 
 def _sizes(op: Operand, dims: tuple) -> list[int]:
@@ -389,15 +398,16 @@ def batched_plan(m: Match) -> tuple[dict, int] | str:
     scores = layout.trace(m["scores"], {m["qk"]: qk_layout})
     if scores is None:
         return "the scores go through a reshape the matcher cannot follow"
-    axes = layout.drop_units(scores.axes, scores)
-    if tuple(d for a in axes[:-2] for d in a) != q.batch or axes[-2:] != (q.rows, k.cols):
-        return f"the scores are not laid out [batch..., q, k] (axes {axes})"
+    batch, rows, cols = _matrix_axes(scores.axes, scores)
+    if batch != q.batch or (rows, cols) != (q.rows, k.cols):
+        return f"the scores are not laid out [batch..., q, k] (axes {scores.axes})"
     if reason := chain_problem(m, val(m["scores"]).shape):
         return reason
     if softmax_dim(m) % len(scores.axes) != len(scores.axes) - 1:
         return f"softmax over dim {softmax_dim(m)}, not over the keys"
     probs = layout.trace(m["probs"], {_chain_source(m["probs"]): scores})
-    if probs is None or layout.drop_units(probs.axes, probs) != (q.batch, q.rows, k.cols):
+    if probs is None or len(probs.axes) != 3 or \
+            _matrix_axes(probs.axes, probs) != (q.batch, q.rows, k.cols):
         return "the probabilities reach the second bmm in another layout than [batch, q, k]"
     if m.get("beta", 1.0) not in (0.0, 1.0):
         return f"baddbmm beta={m['beta']} scales the added scores"
@@ -429,6 +439,10 @@ def _as_bhld(graph: fx.Graph, op: Operand, rows: tuple, cols: tuple) -> fx.Node:
     node = op.source
     if units + used != list(range(rank)):
         node = insert_call(graph, aten.permute.default, (node, units + used))
+    if not cols:  # size-1 rows or columns (Lq = 1, Lk = 1) come back as a new size-1 dim
+        node = insert_call(graph, aten.unsqueeze.default, (node, -1))
+    if not rows:
+        node = insert_call(graph, aten.unsqueeze.default, (node, -2))
     lead = len(units) + len(op.batch)  # dims in front of rows and cols
     if lead > 2 or (lead == 2 and len(op.batch) < 2):
         keep = 1 if len(op.batch) >= 2 else 0  # the last batch dim stays H

@@ -247,6 +247,33 @@ def test_each_batched_spelling_becomes_one_op(name):
     torch.testing.assert_close(gm(*args), BATCHED[name](*args), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["einsum", "einsum_blhd", "einsum_masked", "baddbmm_alibi",
+                                  "bmm_fp32_softmax"])
+def test_batched_decode_step_with_one_query(name):
+    # Lq = 1: the products' row axis has size 1, and the lowering moves or drops that dim
+    # (einsum puts it after the head dim; a reshape to [B·H, 1, D] attaches it to the batch).
+    args = (Q[:, :, -1:], K, V, BOOL[:, :, -1:], ADD[:, :, -1:])
+    gm = aten_graph(BATCHED[name], *args)
+    assert run_pass(gm) == (1, [])
+    assert "aten.bmm" not in ops(gm)
+    torch.testing.assert_close(gm(*args), BATCHED[name](*args), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fn, reason", [
+    # At one query a softmax over the rows (dim 1) sees a single score: all ones, not attention.
+    (lambda q, k, v, b, a: torch.bmm(torch.bmm(flat(q), flat(k).transpose(1, 2)).softmax(1),
+                                     flat(v)), "softmax over dim 1, not over the keys"),
+    (lambda q, k, v, b, a: torch.bmm(torch.bmm(flat(q), flat(k).transpose(1, 2)).softmax(-1),
+                                     flat(v.transpose(0, 1))), "q, k and v batch dims differ"),
+])
+def test_batched_decode_near_misses_are_reported(fn, reason):
+    args = (Q[:, :, -1:], K, V, BOOL, ADD)
+    gm = aten_graph(fn, *args)
+    n, rejected = run_pass(gm)
+    assert n == 0 and len(rejected) == 1 and reason in rejected[0], rejected
+    torch.testing.assert_close(gm(*args), fn(*args))
+
+
 def test_einsum_before_expected():
     before = aten_graph(BATCHED["einsum"], *INPUTS)
     run_pass(before)
