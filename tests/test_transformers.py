@@ -155,3 +155,22 @@ def test_w4a16_every_eligible_linear_quantized_logits_within_bound(name):
     # int4 RTN weights are ~7% off in relative Frobenius norm (one 64-wide group per row here);
     # through two random layers the logits move by about 10% (measured 0.08-0.12).
     assert ((g - e).norm() / e.norm()).item() < 0.2
+
+
+def test_bloom_decodes_through_the_batched_rule():
+    # BLOOM writes attention as baddbmm(alibi, q, kᵀ) → softmax → bmm over [B·H, L, D]; a
+    # decode step's products have one query row (Lq = 1), which the lowering attaches to the
+    # batch dim. Prefill and every decode step must be rewritten, and the tokens eager's.
+    t = transformers
+    torch.manual_seed(0)
+    model = t.BloomForCausalLM(t.BloomConfig(vocab_size=128, hidden_size=64, n_layer=LAYERS,
+                                             n_head=4)).eval()
+    batch = inputs()
+    with torch.no_grad():
+        want = model.generate(**batch, max_new_tokens=4, do_sample=False, disable_compile=True)
+        model.forward = torch.compile(model.forward, backend="attnopt",
+                                      options={"inner": "eager"})
+        got = model.generate(**batch, max_new_tokens=4, do_sample=False, disable_compile=True)
+    assert torch.equal(got, want)
+    reports = attnopt.reports()
+    assert len(reports) >= 2 and all(r.counts["attention"] == LAYERS for r in reports)
