@@ -341,11 +341,41 @@ def test_cuda_heuristics():
     assert kernel.max_blocks(8192, 8, 64) == 135  # 128 full blocks + at most 7 partial
 
 
+# The opt-in shared memory per block of A100 and H100 (what `tuning.device_info` reads).
+SMEM = {"sm80": 166912, "sm90": 232448}
+
+
+@pytest.mark.parametrize("arch", ["sm80", "sm90"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("group", [None, 32, 128])
 @pytest.mark.parametrize("block_m", [16, 32, 64, 128])
-def test_cuda_autotune_spaces_fit(block_m, dtype):
-    w = torch.empty(0, dtype=dtype)
-    for configs, args in ((kernel.GATE_UP_CONFIGS, {"x": w}), (kernel.DOWN_CONFIGS, {})):
-        kept = kernel.prune_configs(configs, {"w": w, **args}, BLOCK_M=block_m)
+def test_cuda_autotune_spaces_fit(block_m, group, dtype, arch):
+    a_bytes = dtype.itemsize
+    w_bytes = 0.5 if group else a_bytes
+    for lists, w_tiles in ((kernel.GATE_UP_CONFIGS, 2), (kernel.DOWN_CONFIGS, 1)):
+        kept = kernel.keep_configs(lists[arch], arch, SMEM[arch], block_m, a_bytes, w_bytes,
+                                   w_tiles, group)
         assert kept
-        assert all(kernel.SPLIT_GRANULE % c.kwargs["BLOCK_K"] == 0 for c in configs)
+        for c in kept:
+            n, k = c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
+            assert kernel.SPLIT_GRANULE % k == 0
+            assert c.num_stages * (block_m * k * a_bytes + w_tiles * n * k * w_bytes) <= SMEM[arch]
+            assert w_tiles * block_m * n // (32 * c.num_warps) <= kernel.MAX_ACC_REGS
+            if group:
+                assert k <= kernel.INT4_MAX_BLOCK_K[arch] and group % k == 0
+
+
+def test_cuda_pruning_drops_the_configs_that_spilled_on_sm80():
+    # The compile audit's int4 spills at BLOCK_M=64 on sm_80: gate/up 64x128x64 (4 warps: 128
+    # accumulators a thread) and BLOCK_K=128 tiles; with 8 warps the 64x128 tile stays, and
+    # sm_90 keeps BLOCK_K=128.
+    def kept(arch, w_tiles):
+        lists = kernel.GATE_UP_CONFIGS if w_tiles == 2 else kernel.DOWN_CONFIGS
+        return {(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps) for c in
+                kernel.keep_configs(lists[arch], arch, SMEM[arch], 64, 2, 0.5, w_tiles, 128)}
+
+    assert (128, 64, 4) not in kept("sm80", 2) and (128, 64, 8) in kept("sm80", 2)
+    assert all(k <= 64 for _, k, _ in kept("sm80", 2) | kept("sm80", 1))
+    assert (128, 128, 4) not in kept("sm80", 1) and (128, 128, 8) in kept("sm90", 1)
+
+
