@@ -202,6 +202,22 @@ def test_out_of_range_ids(bad):
                                rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("bad", [None, -1, 6])
+@pytest.mark.parametrize("k", [1, 2, 8])
+def test_one_token_goes_by_pair(k, bad):
+    # A decode step: a block per pair, no align step. Ids drawn with replacement may repeat
+    # (that expert's weights are read twice); an id out of range drops its pair.
+    x, ids, weights, w_gate_up, w_down = problem(t=1, k=k, routing="repeat", dtype=torch.float16)
+    if bad is not None:
+        ids[0, -1] = bad
+    got = kernel.fused_moe(x, ids, weights, w_gate_up, w_down)
+    if bad is not None:
+        ids[0, -1], weights[0, -1] = 0, 0.0
+    tol = TOL[torch.float16]
+    torch.testing.assert_close(got.double(), expected(x, ids, weights, w_gate_up, w_down),
+                               rtol=tol, atol=tol)
+
+
 def test_bad_arguments():
     x, ids, weights, w_gate_up, w_down = problem(t=3)
     with pytest.raises(ValueError, match="activation"):
@@ -362,20 +378,21 @@ def test_cuda_autotune_spaces_fit(block_m, group, dtype, arch):
             assert c.num_stages * (block_m * k * a_bytes + w_tiles * n * k * w_bytes) <= SMEM[arch]
             assert w_tiles * block_m * n // (32 * c.num_warps) <= kernel.MAX_ACC_REGS
             if group:
-                assert k <= kernel.INT4_MAX_BLOCK_K[arch] and group % k == 0
+                assert k <= kernel.INT4_MAX_BLOCK_K and group % k == 0
 
 
-def test_cuda_pruning_drops_the_configs_that_spilled_on_sm80():
-    # The compile audit's int4 spills at BLOCK_M=64 on sm_80: gate/up 64x128x64 (4 warps: 128
-    # accumulators a thread) and BLOCK_K=128 tiles; with 8 warps the 64x128 tile stays, and
-    # sm_90 keeps BLOCK_K=128.
-    def kept(arch, w_tiles):
+def test_cuda_pruning_drops_the_configs_that_spilled():
+    # The compile audit's int4 spills: gate/up 64x128x64 with 4 warps on sm_80 (128
+    # accumulators a thread; with 8 warps the tile stays), BLOCK_K=128 tiles on both arches.
+    def kept(arch, w_tiles, block_m=64):
         lists = kernel.GATE_UP_CONFIGS if w_tiles == 2 else kernel.DOWN_CONFIGS
         return {(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps) for c in
-                kernel.keep_configs(lists[arch], arch, SMEM[arch], 64, 2, 0.5, w_tiles, 128)}
+                kernel.keep_configs(lists[arch], arch, SMEM[arch], block_m, 2, 0.5, w_tiles,
+                                    128)}
 
     assert (128, 64, 4) not in kept("sm80", 2) and (128, 64, 8) in kept("sm80", 2)
-    assert all(k <= 64 for _, k, _ in kept("sm80", 2) | kept("sm80", 1))
-    assert (128, 128, 4) not in kept("sm80", 1) and (128, 128, 8) in kept("sm90", 1)
+    for arch in ("sm80", "sm90"):
+        assert all(k <= 64 for _, k, _ in kept(arch, 2) | kept(arch, 1) | kept(arch, 2, 16))
+    assert (32, 64, 4) in kept("sm90", 2, 16)  # the decode config 16x32x128 becomes 16x32x64
 
 

@@ -38,10 +38,15 @@ projections are grouped GEMMs over runs:
    of pairs inside a block, which the atomic cursors make arbitrary, changes nothing, since
    rows of a GEMM tile are computed independently).
 
-A call therefore makes four launches (`LAUNCHES`), no host sync and no device query (the SM
-count is read once per device, `tuning.device_info`), and two allocations: the output and one
-workspace from PyTorch's caching allocator that holds the alignment, h and the partials
-(`_Plan.parts`), each section 256-byte aligned. Nothing outlives the call, so a CUDA graph
+A single token (a decode step) skips step 1: its k pairs are k blocks of one row, block j =
+pair j of expert ids[0, j] (`_rows` with BY_PAIR), which is what the align step would produce
+for k distinct experts (top-k's), minus its launch.
+
+A call therefore makes four launches (`LAUNCHES`; three for one token, `DECODE_LAUNCHES`),
+no host sync and no device query (the SM count is read once per device,
+`tuning.device_info`), and two allocations: the output and one workspace from PyTorch's
+caching allocator that holds the alignment, h and the partials (`_Plan.parts`), each section
+256-byte aligned. Nothing outlives the call, so a CUDA graph
 captures it as it is.
 
 Precision is `reference.moe`'s: fp32 accumulation, act(gate) ⊙ up rounded to x's dtype once
@@ -91,9 +96,10 @@ from attnopt.backends.triton.w4a16 import _dot
 from attnopt.backends.triton.w4a16 import _weight_tile as _int4_tile
 
 ACTIVATIONS = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "swiglu_oai": 3}
-# Launches of one call (one token chunk): align, gate/up, down, sum
-# (`tests/backends/test_launch_counts.py` holds them to it).
+# Launches of one call (one token chunk): align, gate/up, down, sum; a single token (a decode
+# step) needs no align (`tests/backends/test_launch_counts.py` holds them to it).
 LAUNCHES = 4
+DECODE_LAUNCHES = 3
 # Pairs (tokens · top-k) per pass; larger batches go through in token chunks.
 MAX_PAIRS = 65536
 # The down GEMM splits I so that about PROGRAMS_PER_SM programs run per SM, each chunk at least
@@ -292,22 +298,36 @@ def _tile(pid, max_blocks, N, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def _rows(pid_m, sorted_ids, expert_of_block, S, BLOCK_M: tl.constexpr):
-    """The pair indices of block pid_m (int64), which of them are real (not padding), and the
-    block's expert."""
-    pairs = tl.load(sorted_ids + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    e = tl.load(expert_of_block + pid_m).to(tl.int64)
-    return pairs, pairs < S, e
+def _rows(pid_m, sorted_ids, expert_of_block, num_post_padded, S, E, BLOCK_M: tl.constexpr,
+          BY_PAIR: tl.constexpr):
+    """Whether block pid_m has work, its pair indices (int64), which of them are real (not
+    padding), and its expert. Aligned: the block's rows of sorted_ids, live below
+    num_post_padded. BY_PAIR (one token, no align step): block b is pair b alone in row 0,
+    expert_of_block is the flat expert ids, and a pair whose id is outside [0, E) has no work
+    (the sum counts it 0); sorted_ids and num_post_padded are not read."""
+    if BY_PAIR:
+        e = tl.load(expert_of_block + pid_m).to(tl.int64)
+        live = (e >= 0) & (e < E)
+        rows = tl.arange(0, BLOCK_M)
+        pairs = tl.where(rows == 0, pid_m, S).to(tl.int64)
+        return live, pairs, pairs < S, tl.where(live, e, 0)
+    else:
+        live = pid_m * BLOCK_M < tl.load(num_post_padded)
+        # Read for dead blocks too (in bounds; their values are not used).
+        pairs = tl.load(sorted_ids + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+        e = tl.load(expert_of_block + pid_m).to(tl.int64)
+        return live, pairs, pairs < S, e
 
 
 @triton.jit
 def _gate_up_kernel(
     h, x, sxt, sxh, w, swe, swn, swk, sc, sse, ssn, ssg, zp, sze, szn, szg, bias, sbe, sbn,
     topk_weights, sorted_ids, expert_of_block, num_post_padded,
-    S, N, K, top_k, max_blocks, m_bucket, group_size, alpha, limit,
+    S, N, K, top_k, max_blocks, E, m_bucket, group_size, alpha, limit,
     ACT: tl.constexpr, INT4: tl.constexpr, HAS_BIAS: tl.constexpr, INTERLEAVED: tl.constexpr,
     WEIGHT_ON_INPUT: tl.constexpr, PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    BY_PAIR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
     """h[p, cols] = gated(a · W_gate[e, cols] + b_gate[e, cols], a · W_up[e, cols] +
     b_up[e, cols]) for the pairs p of one block (N = I, K = H), a = x[p // k] (times the
@@ -316,8 +336,9 @@ def _gate_up_kernel(
     bias b [E, 2I] has the same rows. With INT4, w, sc and zp are the packed codes, scales and
     zeros (`_weight_tile`); otherwise sc and zp are unused."""
     pid_m, pid_n = _tile(tl.program_id(0), max_blocks, N, BLOCK_N, GROUP_M)
-    if pid_m * BLOCK_M < tl.load(num_post_padded):  # past the last real block: nothing to do
-        pairs, row_ok, e = _rows(pid_m, sorted_ids, expert_of_block, S, BLOCK_M)
+    live, pairs, row_ok, e = _rows(pid_m, sorted_ids, expert_of_block, num_post_padded, S, E,
+                                   BLOCK_M, BY_PAIR)
+    if live:  # else past the last real block (or an unused pair): nothing to do
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         col_ok = cols < N
         offs_k = tl.arange(0, BLOCK_K)
@@ -359,10 +380,10 @@ def _gate_up_kernel(
 def _down_kernel(
     part, h, w, swe, swn, swk, sc, sse, ssn, ssg, zp, sze, szn, szg, bias, sbe, sbn, topk_weights,
     sorted_ids, expert_of_block, num_post_padded,
-    S, N, K, k_per_split, max_blocks, m_bucket, group_size,
+    S, N, K, k_per_split, max_blocks, E, m_bucket, group_size,
     INT4: tl.constexpr, HAS_BIAS: tl.constexpr, WEIGHT_ON_INPUT: tl.constexpr,
-    PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr, BY_PAIR: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """part[chunk, p, cols] = topk_weights.flat[p] · (Σ_{i in chunk} h[p, i] W_down[e, cols, i]
     + b_down[e, cols] in chunk 0 only) in fp32, for the pairs p of one block (N = H, K = I;
@@ -370,8 +391,9 @@ def _down_kernel(
     input). INT4 as in `_gate_up_kernel`; k_per_split is then a multiple of BLOCK_K, so no K
     tile straddles a group."""
     pid_m, pid_n = _tile(tl.program_id(0), max_blocks, N, BLOCK_N, GROUP_M)
-    if pid_m * BLOCK_M < tl.load(num_post_padded):  # past the last real block: nothing to do
-        pairs, row_ok, e = _rows(pid_m, sorted_ids, expert_of_block, S, BLOCK_M)
+    live, pairs, row_ok, e = _rows(pid_m, sorted_ids, expert_of_block, num_post_padded, S, E,
+                                   BLOCK_M, BY_PAIR)
+    if live:  # else past the last real block (or an unused pair): nothing to do
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         split = tl.program_id(1)
         k_lo = split * k_per_split
@@ -456,14 +478,14 @@ def _capped(configs: list[triton.Config], group_size: int) -> list[triton.Config
 
 # Register limits, from the compile audit (ptxas on sm_80 and sm_90): the fp32 accumulators
 # per thread, w_tiles · BLOCK_M · BLOCK_N / (32 · num_warps), and with int4 weights the widest
-# K tile per arch. 128 accumulators a thread spill on sm_80 (gate/up 64x128, 4 warps) and at
+# K tile. 128 accumulators a thread spill on sm_80 (gate/up 64x128, 4 warps) and at
 # BLOCK_M = 128 on sm_90 (gate/up 128x64 and down 128x128, 4 warps; down 128x256, 8 warps);
-# the same tiles with twice the warps, 64 a thread, compile cleanly on both. On sm_80 mma.sync
-# also holds its operands in registers, the unpacked int4 tile (BLOCK_N · BLOCK_K values, fp32
-# before rounding) among them: int4 tiles with BLOCK_K = 128 spill there (at BLOCK_M 64, and at
-# 16 with BLOCK_N 128) or sit at 245-255 registers; sm_90's wgmma reads them from shared memory.
+# the same tiles with twice the warps, 64 a thread, compile cleanly on both. An int4 tile is
+# unpacked in registers (BLOCK_N · BLOCK_K values, fp32 before rounding): with BLOCK_K = 128
+# it spills on sm_80 (at BLOCK_M 64, and at 16 with BLOCK_N 128) and on sm_90 (gate/up
+# 16x32x128 at decode), or sits at 245-255 registers; BLOCK_K = 64 compiles cleanly on both.
 MAX_ACC_REGS = 64
-INT4_MAX_BLOCK_K = {"sm80": 64, "sm90": 128}
+INT4_MAX_BLOCK_K = 64
 
 
 def acc_registers(c: triton.Config, block_m: int, w_tiles: int) -> int:
@@ -483,12 +505,12 @@ def keep_configs(configs: list[triton.Config], arch: str, smem_limit: int, block
                  a_bytes: int, w_bytes: float, w_tiles: int,
                  group_size: int | None = None) -> list[triton.Config]:
     """The configs that launch on `arch` without spills: with int4 weights (`group_size` given)
-    BLOCK_K capped to the group size (`_capped`) and to INT4_MAX_BLOCK_K[arch]; at most
+    BLOCK_K capped to the group size (`_capped`) and to INT4_MAX_BLOCK_K; at most
     MAX_ACC_REGS accumulator registers a thread; the pipelined tiles within `smem_limit`
     bytes. If none is left (fp32 at BLOCK_M = 128 on sm_80), the smallest tiles (every list
     holds 32x64 at 4 warps, within the register limit everywhere) with fewer stages."""
     if group_size is not None:
-        configs = _capped(configs, min(group_size, INT4_MAX_BLOCK_K[arch]))
+        configs = _capped(configs, min(group_size, INT4_MAX_BLOCK_K))
 
     def smem(c):
         return _smem_estimate(c, block_m, a_bytes, w_bytes, w_tiles)
@@ -666,19 +688,24 @@ class _Plan(NamedTuple):
 
     block_m: int
     max_blocks: int
+    by_pair: bool  # one token: a block per pair, no align step
     splits: int  # K chunks of the down GEMM
     k_chunk: int  # K (= I) per chunk: whole SPLIT_GRANULEs
-    parts: list[tuple[int, torch.dtype]]  # align buffers (`_align_parts`), then h and part
+    parts: list[tuple[int, torch.dtype]]  # align buffers (`_align_parts`) unless by_pair, h, part
     nbytes: int
 
 
 def _plan(tokens: int, top_k: int, num_experts: int, inter: int, hidden: int,
           dtype: torch.dtype, device: torch.device, block_m: int | None,
           split_k: int | None) -> _Plan:
-    """Block height, K chunks and workspace of a chunk of `tokens` tokens."""
+    """Block height, K chunks and workspace of a chunk of `tokens` tokens. One token (a decode
+    step) goes by pair: top-k picks k distinct experts, so aligning its k pairs would only
+    find k blocks of one row each, the pairs themselves, which the GEMMs then take without
+    the align launch (a repeated id costs one more read of that expert's weights)."""
     s = tokens * top_k
     bm = block_m or (16 if interpreting() else choose_block_m(s, num_experts))
-    nb = max_blocks(s, num_experts, bm)
+    by_pair = tokens == 1
+    nb = s if by_pair else max_blocks(s, num_experts, bm)
     # Chunks counted for nominal 64-column tiles; autotuning may pick others, which moves the
     # programs per SM by a small factor. A chunk is whole granules, so whole K tiles (every
     # BLOCK_K divides the granule): no int4 tile straddles a group.
@@ -691,9 +718,9 @@ def _plan(tokens: int, top_k: int, num_experts: int, inter: int, hidden: int,
     granule = 16 if interpreting() else SPLIT_GRANULE
     chunk = max(1, triton.cdiv(triton.cdiv(inter, max(1, split_k)), granule)) * granule
     splits = max(1, triton.cdiv(inter, chunk))  # one chunk at I = 0: the bias alone
-    parts = [*_align_parts(s, num_experts, bm), (s * inter, dtype),
+    parts = [*([] if by_pair else _align_parts(s, num_experts, bm)), (s * inter, dtype),
              (splits * s * hidden, torch.float32)]
-    return _Plan(bm, nb, splits, chunk, parts, _sections(parts)[1])
+    return _Plan(bm, nb, by_pair, splits, chunk, parts, _sections(parts)[1])
 
 
 def _forward(out, x, ids, weights, gate_up: _Weight, down: _Weight, inter: int,
@@ -705,24 +732,29 @@ def _forward(out, x, ids, weights, gate_up: _Weight, down: _Weight, inter: int,
     num_experts = gate_up.w.shape[0]
     bm, nb, splits = plan.block_m, plan.max_blocks, plan.splits
     *align_buffers, hidden, part = _carve(workspace, plan.parts)
-    al = _align(ids.view(-1), num_experts, bm, align_buffers)
-    blocks = (al.sorted_ids, al.expert_of_block, al.num_post_padded)
+    if plan.by_pair:  # `_rows`: the ids are the blocks' experts
+        blocks = (ids, ids, ids)
+    else:
+        al = _align(ids.view(-1), num_experts, bm, align_buffers)
+        blocks = (al.sorted_ids, al.expert_of_block, al.num_post_padded)
     tf32 = x.dtype == torch.float32 and not interpreting() and tuning.tf32_allowed()
     flags = dict(INT4=gate_up.scales is not None, WEIGHT_ON_INPUT=form.weight_on_input,
                  PRECISION="tf32" if tf32 else "ieee",
-                 DOT_IN_FP32=interpreting() and x.dtype == torch.bfloat16, BLOCK_M=bm)
+                 DOT_IN_FP32=interpreting() and x.dtype == torch.bfloat16, BY_PAIR=plan.by_pair,
+                 BLOCK_M=bm)
     m_bucket = tuning.bucket(t)
 
     if inter:  # else h is empty and the down GEMM leaves only its bias
         grid = lambda meta: (nb * triton.cdiv(inter, meta["BLOCK_N"]),)
         _gate_up[grid](hidden, x, *x.stride(), *gate_up.args(), *_bias_args(b_gate_up, x),
-                       weights, *blocks, s, inter, h_dim, k, nb, m_bucket, group_size,
+                       weights, *blocks, s, inter, h_dim, k, nb, num_experts, m_bucket,
+                       group_size,
                        form.alpha, form.limit, ACT=ACTIVATIONS[form.activation],
                        HAS_BIAS=b_gate_up is not None, INTERLEAVED=form.interleaved, **flags)
 
     grid = lambda meta: (nb * triton.cdiv(h_dim, meta["BLOCK_N"]), splits)
     _down[grid](part, hidden, *down.args(), *_bias_args(b_down, x), weights, *blocks,
-                s, h_dim, inter, plan.k_chunk, nb, m_bucket, group_size,
+                s, h_dim, inter, plan.k_chunk, nb, num_experts, m_bucket, group_size,
                 HAS_BIAS=b_down is not None, **flags)
 
     block = 1024
