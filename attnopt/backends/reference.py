@@ -466,9 +466,9 @@ def check_moe_w4a16(x: Tensor, topk_ids: Tensor, topk_weights: Tensor, gate_up_q
             if tuple(t.shape) != (e, n, kp // group_size) or not t.is_floating_point():
                 raise ValueError(f"{name}_{what} must be a floating [E, N, Kp/g] = "
                                  f"{[e, n, kp // group_size]}, got {t.dtype} {tuple(t.shape)}")
-    # The rest (ids, weights, form, biases) on float stand-ins of the weights' shapes (views of
-    # one element: nothing is allocated).
-    one = x.new_empty(())
+    # The rest (ids, weights, form, biases) on float stand-ins of the weights' shapes: views
+    # of one element of x (nothing is allocated per call), of a new one if x is empty.
+    one = x.as_strided((), ()) if x.numel() else x.new_empty(())
     check_moe(x, topk_ids, topk_weights, one.expand(e, two_i, h), one.expand(e, h, i),
               activation, b_gate_up, b_down)
 

@@ -10,7 +10,7 @@ every dtype, flag and shape (thousands of compiles). The audit's table is printe
 or the log of a failure) and kept in benchmarks/RESULTS.md.
 
 Known failures, each marked xfail with what the audit found, belong to kernels whose owners
-are changing them (attention, MoE): they are documented in benchmarks/RESULTS.md and fixed
+are changing them (attention): they are documented in benchmarks/RESULTS.md and fixed
 there, after which the xfail passes (XPASS) and its entry here goes.
 """
 
@@ -34,8 +34,8 @@ ARCHS = (80, 90)
 KERNELS = {
     "_attn_fwd", "_decode_split_kernel", "_decode_merge_kernel",
     "_paged_split_kernel", "_paged_merge_kernel",
-    "_count_kernel", "_offsets_kernel", "_scatter_kernel", "_gate_up_kernel", "_down_kernel",
-    "_sum_kernel", "_splitk_kernel", "_tiled_kernel", "_dequant_kernel", "softmax_kernel",
+    "_align_kernel", "_gate_up_kernel", "_down_kernel", "_sum_kernel",
+    "_splitk_kernel", "_tiled_kernel", "_dequant_kernel", "softmax_kernel",
 }
 # What the audit finds today in kernels whose owners are changing them (benchmarks/RESULTS.md
 # lists every config): fix there, then drop the entry.
@@ -48,14 +48,6 @@ KNOWN = {
                        "128x128/8 warps and 64x64 at head dim 256; 128x128/8 warps (288 KB with "
                        "an additive mask) and 128x64 at head dim 256 need more than H100's "
                        "227 KB of shared memory",
-    ("_gate_up_kernel", 80): "BLOCK_M=64: 64x128x64 (4 warps; bf16 and int4), and with int4 "
-                             "experts 64x64x128, 64x64x64/GROUP_M 8 and 64x128x64/8 warps spill "
-                             "(two fp32 accumulators plus the unpacked int4 tiles)",
-    ("_gate_up_kernel", 90): "int4 experts at BLOCK_M=64: 64x128x64 and 64x64x128 (4 warps) "
-                             "spill",
-    ("_down_kernel", 80): "int4 experts at BLOCK_M=64: 64x128x128 and 64x128x64/GROUP_M 8 "
-                          "(4 warps) spill",
-    ("_down_kernel", 90): "int4 experts at BLOCK_M=64: 64x128x128 (4 warps) spills",
 }
 KNOWN_RETUNES = {
     "_attn_fwd": "the prefill autotune key is ['Lq', 'Lk', 'D']: each new prompt length tunes",

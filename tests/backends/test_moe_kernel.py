@@ -202,6 +202,22 @@ def test_out_of_range_ids(bad):
                                rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("bad", [None, -1, 6])
+@pytest.mark.parametrize("k", [1, 2, 8])
+def test_one_token_goes_by_pair(k, bad):
+    # A decode step: a block per pair, no align step. Ids drawn with replacement may repeat
+    # (that expert's weights are read twice); an id out of range drops its pair.
+    x, ids, weights, w_gate_up, w_down = problem(t=1, k=k, routing="repeat", dtype=torch.float16)
+    if bad is not None:
+        ids[0, -1] = bad
+    got = kernel.fused_moe(x, ids, weights, w_gate_up, w_down)
+    if bad is not None:
+        ids[0, -1], weights[0, -1] = 0, 0.0
+    tol = TOL[torch.float16]
+    torch.testing.assert_close(got.double(), expected(x, ids, weights, w_gate_up, w_down),
+                               rtol=tol, atol=tol)
+
+
 def test_bad_arguments():
     x, ids, weights, w_gate_up, w_down = problem(t=3)
     with pytest.raises(ValueError, match="activation"):
@@ -341,11 +357,42 @@ def test_cuda_heuristics():
     assert kernel.max_blocks(8192, 8, 64) == 135  # 128 full blocks + at most 7 partial
 
 
+# The opt-in shared memory per block of A100 and H100 (what `tuning.device_info` reads).
+SMEM = {"sm80": 166912, "sm90": 232448}
+
+
+@pytest.mark.parametrize("arch", ["sm80", "sm90"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("group", [None, 32, 128])
 @pytest.mark.parametrize("block_m", [16, 32, 64, 128])
-def test_cuda_autotune_spaces_fit(block_m, dtype):
-    w = torch.empty(0, dtype=dtype)
-    for configs, args in ((kernel.GATE_UP_CONFIGS, {"x": w}), (kernel.DOWN_CONFIGS, {})):
-        kept = kernel.prune_configs(configs, {"w": w, **args}, BLOCK_M=block_m)
+def test_cuda_autotune_spaces_fit(block_m, group, dtype, arch):
+    a_bytes = dtype.itemsize
+    w_bytes = 0.5 if group else a_bytes
+    for lists, w_tiles in ((kernel.GATE_UP_CONFIGS, 2), (kernel.DOWN_CONFIGS, 1)):
+        kept = kernel.keep_configs(lists[arch], arch, SMEM[arch], block_m, a_bytes, w_bytes,
+                                   w_tiles, group)
         assert kept
-        assert all(kernel.SPLIT_GRANULE % c.kwargs["BLOCK_K"] == 0 for c in configs)
+        for c in kept:
+            n, k = c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
+            assert kernel.SPLIT_GRANULE % k == 0
+            assert c.num_stages * (block_m * k * a_bytes + w_tiles * n * k * w_bytes) <= SMEM[arch]
+            assert w_tiles * block_m * n // (32 * c.num_warps) <= kernel.MAX_ACC_REGS
+            if group:
+                assert k <= kernel.INT4_MAX_BLOCK_K and group % k == 0
+
+
+def test_cuda_pruning_drops_the_configs_that_spilled():
+    # The compile audit's int4 spills: gate/up 64x128x64 with 4 warps on sm_80 (128
+    # accumulators a thread; with 8 warps the tile stays), BLOCK_K=128 tiles on both arches.
+    def kept(arch, w_tiles, block_m=64):
+        lists = kernel.GATE_UP_CONFIGS if w_tiles == 2 else kernel.DOWN_CONFIGS
+        return {(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps) for c in
+                kernel.keep_configs(lists[arch], arch, SMEM[arch], block_m, 2, 0.5, w_tiles,
+                                    128)}
+
+    assert (128, 64, 4) not in kept("sm80", 2) and (128, 64, 8) in kept("sm80", 2)
+    for arch in ("sm80", "sm90"):
+        assert all(k <= 64 for _, k, _ in kept(arch, 2) | kept(arch, 1) | kept(arch, 2, 16))
+    assert (32, 64, 4) in kept("sm90", 2, 16)  # the decode config 16x32x128 becomes 16x32x64
+
+

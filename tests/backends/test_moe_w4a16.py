@@ -209,13 +209,11 @@ def test_bad_arguments():
         moe_cpu.moe_w4a16(x, ids, weights, gq, gs, gz, dq, ds, dz, g)
 
 
+@pytest.mark.parametrize("arch", ["sm80", "sm90"])
 @pytest.mark.parametrize("g", [32, 64, 128])
-def test_cuda_autotune_spaces_for_int4(g):
-    # On CUDA every kept config has K tiles inside one group and fits in shared memory.
-    q = torch.empty(0, dtype=torch.uint8)
-    x = torch.empty(0, dtype=torch.bfloat16)
-    for configs, act in ((kernel.GATE_UP_CONFIGS, "x"), (kernel.DOWN_CONFIGS, "h")):
+def test_cuda_autotune_spaces_for_int4(g, arch):
+    # On CUDA every kept config has K tiles inside one group (and fits: test_moe_kernel.py).
+    for configs, w_tiles in ((kernel.GATE_UP_CONFIGS, 2), (kernel.DOWN_CONFIGS, 1)):
         for block_m in (16, 128):
-            kept = kernel.prune_configs(configs, {"w": q, act: x, "group_size": g},
-                                        BLOCK_M=block_m, INT4=True)
+            kept = kernel.keep_configs(configs[arch], arch, 166912, block_m, 2, 0.5, w_tiles, g)
             assert kept and all(g % c.kwargs["BLOCK_K"] == 0 for c in kept)

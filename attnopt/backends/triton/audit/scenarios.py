@@ -14,6 +14,7 @@ prompt length, another batch size): a serving-ready autotuner gives both the sam
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -42,6 +43,17 @@ def heads_view(b: int, s: int, h: int, d: int, dtype: torch.dtype) -> torch.Tens
 
 def _name(*parts: object) -> str:
     return " ".join(str(p).removeprefix("torch.") for p in parts if p != "")
+
+
+@contextlib.contextmanager
+def _fp32_precision(tf32: bool) -> Iterator[None]:
+    """PyTorch's fp32 matmul precision set to TF32 (or full fp32) inside."""
+    before = torch.backends.cuda.matmul.fp32_precision
+    torch.backends.cuda.matmul.fp32_precision = "tf32" if tf32 else "ieee"
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = before
 
 
 # --- attention --------------------------------------------------------------------------------
@@ -132,22 +144,26 @@ MOE_MODELS = {
 }
 
 
-def _moe(model: str, dtype, tokens: int, act: str = "silu", group: int | None = None) -> Scenario:
+def _moe(model: str, dtype, tokens: int, act: str = "silu", group: int | None = None,
+         tf32: bool = False) -> Scenario:
+    """The routed experts of one layer of `model` at `tokens` tokens (fp32 with `tf32`: as when
+    PyTorch's matmul precision allows TF32)."""
     e, h, i, k = MOE_MODELS[model]
 
     def call():
         x = meta(tokens, h, dtype=dtype)
         ids, weights = meta(tokens, k, dtype=torch.int64), meta(tokens, k, dtype=FP32)
-        if group is None:
-            moe.fused_moe(x, ids, weights, meta(e, 2 * i, h, dtype=dtype),
-                          meta(e, h, i, dtype=dtype), act)
-            return
-        gate_up = _int4(e, 2 * i, h, group, dtype)
-        down = _int4(e, h, i, group, dtype)
-        moe.fused_moe_w4a16(x, ids, weights, *gate_up, *down, group, act)
+        with _fp32_precision(tf32):
+            if group is None:
+                moe.fused_moe(x, ids, weights, meta(e, 2 * i, h, dtype=dtype),
+                              meta(e, h, i, dtype=dtype), act)
+                return
+            gate_up = _int4(e, 2 * i, h, group, dtype)
+            down = _int4(e, h, i, group, dtype)
+            moe.fused_moe_w4a16(x, ids, weights, *gate_up, *down, group, act)
 
-    return Scenario(_name("moe", model, dtype, act, f"int4 g{group}" if group else "",
-                          f"T={tokens}"), call)
+    return Scenario(_name("moe", model, dtype, "tf32" if tf32 else "", act,
+                          f"int4 g{group}" if group else "", f"T={tokens}"), call)
 
 
 def _int4(e: int, n: int, k: int, group: int, dtype) -> tuple[torch.Tensor, ...]:
@@ -161,13 +177,19 @@ def moe_scenarios(full: bool) -> Iterator[Scenario]:
         for model, dtype, tokens in itertools.product(MOE_MODELS, (BF16, FP16, FP32),
                                                       (1, 16, 256, 2048)):
             yield _moe(model, dtype, tokens)
+            if dtype == FP32:
+                yield _moe(model, dtype, tokens, tf32=True)
             for group in (32, 64, 128):
                 yield _moe(model, dtype, tokens, group=group)
         for act in ("gelu", "gelu_tanh"):
             yield _moe("olmoe", BF16, 256, act)
         return
-    for tokens in (1, 2048):  # decode and prefill, int4 experts
+    # Decode and prefill, int4 experts and float: BLOCK_M 16, 64 and 128 (`moe.choose_block_m`).
+    for tokens in (1, 2048, 4096):
         yield _moe("mixtral-8x7b", BF16, tokens, group=128)
+    yield _moe("mixtral-8x7b", BF16, 4096)
+    yield _moe("mixtral-8x7b", FP32, 4096, tf32=True)  # the pruner's fallback on sm_80
+    yield _moe("olmoe", BF16, 2048)
     yield _moe("olmoe", FP16, 64, "gelu")  # float, many small experts
 
 
@@ -186,16 +208,12 @@ def _w4a16(layer: str, dtype, m: int, group: int = 128, bias: bool = False,
 
     def call():
         kp = -(-k // group) * group
-        before = torch.backends.cuda.matmul.fp32_precision
-        torch.backends.cuda.matmul.fp32_precision = "tf32" if tf32 else "ieee"
-        try:
+        with _fp32_precision(tf32):
             w4a16.w4a16_matmul(
                 meta(m, k, dtype=dtype), meta(n, kp // 2, dtype=torch.uint8),
                 meta(n, kp // group, dtype=dtype), meta(n, kp // group, dtype=dtype), group,
                 meta(n, dtype=dtype) if bias else None,
                 path=w4a16.choose_path(m, torch.device("cuda"), dtype))
-        finally:
-            torch.backends.cuda.matmul.fp32_precision = before
 
     return Scenario(_name("w4a16", layer, dtype, "tf32" if tf32 else "", f"g{group}",
                           "bias" if bias else "", f"M={m}"), call)
