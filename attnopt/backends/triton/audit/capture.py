@@ -41,6 +41,11 @@ GPUS = {
 }
 
 
+def _tuples(value):
+    """`value` with every list, at any depth, made a tuple."""
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
+
+
 @dataclasses.dataclass(frozen=True)
 class Job:
     """One compilation: the kernel (`module:qualname`), the target arch and the canonical
@@ -53,7 +58,10 @@ class Job:
     def decode(self) -> tuple[dict, dict, dict, dict]:
         """signature, constexprs, attrs, options in the forms `ASTSource` and `compile` take."""
         s = json.loads(self.spec)
-        return (dict(s["signature"]), {tuple(k): v for k, v in s["constexprs"]},
+        # JSON turns the types of a tuple argument, ("*bf16", "*bf16"), into a list; Triton
+        # reads a tuple type only as a tuple.
+        signature = {name: _tuples(t) for name, t in s["signature"]}
+        return (signature, {tuple(k): v for k, v in s["constexprs"]},
                 {tuple(k): v for k, v in s["attrs"]}, dict(s["options"]))
 
     @property

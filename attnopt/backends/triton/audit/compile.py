@@ -119,8 +119,8 @@ def _cpu_time() -> float:
     return me.ru_utime + me.ru_stime + children.ru_utime + children.ru_stime
 
 
-# Part of every cache key: bump it when `analyse` or `Result` change.
-ANALYSIS_VERSION = 2
+# Part of every cache key: bump it when `analyse`, `Result` or `Job.decode` change.
+ANALYSIS_VERSION = 3
 
 
 def cache_key(job: Job) -> str:
