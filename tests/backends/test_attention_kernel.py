@@ -214,3 +214,23 @@ def test_attention_with_past_attends_over_the_concatenation(impl):
     assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
     torch.testing.assert_close(got[0], want[0], rtol=TOL[torch.float32], atol=TOL[torch.float32])
     torch.library.opcheck(torch.ops.attnopt.attention_with_past.default, args)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("layout", reference.OUT_LAYOUTS)
+def test_output_written_in_the_layout_asked(path, layout):
+    # "blhd": the output is a transposed view of a contiguous [B, Lq, Hq, Dv], which the
+    # heads-merging reshape after attention reads without a copy.
+    q, k, v = qkv(2, 4, 2, PATHS[path], 45, 32, 48)
+    got = kernel.attention(q, k, v, None, True, 32 ** -0.5, layout=layout, block_m=16,
+                           block_n=16, decode_split=3)
+    expected = reference.attention(q.double(), k.double(), v.double(), None, True, 32 ** -0.5)
+    torch.testing.assert_close(got.double(), expected, rtol=2e-5, atol=2e-5)
+    assert got.stride() == reference.new_attention_out(q, 48, layout).stride()
+    assert (layout == "blhd") == got.transpose(1, 2).is_contiguous()
+
+
+def test_unknown_layout_is_refused():
+    q, k, v = qkv(1, 2, 2, 5, 9, 16)
+    with pytest.raises(ValueError, match="layout must be one of"):
+        kernel.attention(q, k, v, None, False, 0.25, layout="bhdl")

@@ -33,7 +33,7 @@ FULL = bool(os.environ.get("ATTNOPT_AUDIT_FULL"))
 ARCHS = (80, 90)
 KERNELS = {
     "_attn_fwd", "_decode_split_kernel", "_decode_merge_kernel",
-    "_paged_split_kernel", "_paged_merge_kernel",
+    "_paged_split_kernel", "_paged_merge_kernel", "_latent_split_kernel",
     "_count_kernel", "_offsets_kernel", "_scatter_kernel", "_gate_up_kernel", "_down_kernel",
     "_sum_kernel", "_splitk_kernel", "_tiled_kernel", "_dequant_kernel", "softmax_kernel",
 }
@@ -57,9 +57,7 @@ KNOWN = {
                           "(4 warps) spill",
     ("_down_kernel", 90): "int4 experts at BLOCK_M=64: 64x128x128 (4 warps) spills",
 }
-KNOWN_RETUNES = {
-    "_attn_fwd": "the prefill autotune key is ['Lq', 'Lk', 'D']: each new prompt length tunes",
-}
+KNOWN_RETUNES: dict[str, str] = {}
 
 
 @pytest.fixture(scope="module")
