@@ -234,3 +234,48 @@ def test_unknown_layout_is_refused():
     q, k, v = qkv(1, 2, 2, 5, 9, 16)
     with pytest.raises(ValueError, match="layout must be one of"):
         kernel.attention(q, k, v, None, False, 0.25, layout="bhdl")
+
+
+# --- the prefill pruner (what the compile audit checks compiles, decided per call) -------------
+
+GPUS = {"sm80": ((8, 0), 163 * 1024), "sm90": ((9, 0), 227 * 1024)}
+
+
+def pruned(monkeypatch, arch, d, dtype=torch.bfloat16, mask=None, biases=0, lq=2048):
+    capability, smem = GPUS[arch]
+    monkeypatch.setattr(kernel.tuning, "device_info",
+                        lambda device: kernel.tuning.DeviceInfo("gpu", capability, 100, smem))
+    q = torch.empty(1, dtype=dtype, device="meta")
+    args = dict(q=q, mask=q if mask is None else torch.empty(1, dtype=mask, device="meta"),
+                HAS_MASK=mask is not None, biases=(q,) * max(1, biases), NUM_BIASES=biases,
+                BLOCK_D=d, BLOCK_DV=d, lq_bucket=kernel.tuning.bucket(lq))
+    kept = kernel.prune_prefill(kernel.PREFILL_CONFIGS[arch], args)
+    return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps) for c in kept]
+
+
+@pytest.mark.parametrize("arch", GPUS)
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("mask", "biases"), [(None, 0), (torch.bool, 0), (torch.float32, 1)])
+def test_pruner_keeps_a_config_within_the_estimates(monkeypatch, arch, d, dtype, mask, biases):
+    kept = pruned(monkeypatch, arch, d, dtype, mask, biases)
+    assert kept and set(kept) <= {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps)
+                                  for c in kernel.PREFILL_CONFIGS[arch]}
+
+
+def test_pruner_keeps_large_tiles_where_they_fit_and_drops_them_where_not(monkeypatch):
+    # A 16-bit, unmasked prompt keeps a 128-row tile at head dims 64 and 128 on both arches,
+    # and 128x128 on H100 only; head dim 256 keeps 64x64 (8 warps), never 128 rows.
+    for d in (64, 128):
+        assert (128, 64, 8) in pruned(monkeypatch, "sm80", d)
+        assert (128, 128, 8) in pruned(monkeypatch, "sm90", d)
+    assert max(pruned(monkeypatch, "sm80", 256)) == (64, 64, 8)
+    assert max(pruned(monkeypatch, "sm90", 256)) == (64, 64, 8)
+    # An additive mask's tiles take registers and shared memory: no 128x128 on H100, no
+    # 128-row tile at head dim 128 on A100.
+    assert (128, 128, 8) not in pruned(monkeypatch, "sm90", 128, mask=torch.bfloat16)
+    assert max(pruned(monkeypatch, "sm80", 128, mask=torch.bfloat16))[0] == 64
+
+
+def test_pruner_fits_the_row_tile_to_a_short_prompt(monkeypatch):
+    assert {m for m, _, _ in pruned(monkeypatch, "sm90", 128, lq=40)} == {64}

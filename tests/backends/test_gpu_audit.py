@@ -10,7 +10,7 @@ every dtype, flag and shape (thousands of compiles). The audit's table is printe
 or the log of a failure) and kept in benchmarks/RESULTS.md.
 
 Known failures, each marked xfail with what the audit found, belong to kernels whose owners
-are changing them (attention, MoE): they are documented in benchmarks/RESULTS.md and fixed
+are changing them (MoE): they are documented in benchmarks/RESULTS.md and fixed
 there, after which the xfail passes (XPASS) and its entry here goes.
 """
 
@@ -40,14 +40,6 @@ KERNELS = {
 # What the audit finds today in kernels whose owners are changing them (benchmarks/RESULTS.md
 # lists every config): fix there, then drop the entry.
 KNOWN = {
-    ("_attn_fwd", 80): "prefill: every BLOCK_M=128 config spills (up to 24 KB per thread at "
-                       "head dim 256), and so do 64x64 and 64x32 at head dim 256; 128x128/8 "
-                       "warps (224 KB) and every head-dim-256 config but 64x32 need more than "
-                       "A100's 163 KB of shared memory",
-    ("_attn_fwd", 90): "prefill: 128x64 and 128x32 (4 warps) spill at head dims 128 and 256, "
-                       "128x128/8 warps and 64x64 at head dim 256; 128x128/8 warps (288 KB with "
-                       "an additive mask) and 128x64 at head dim 256 need more than H100's "
-                       "227 KB of shared memory",
     ("_gate_up_kernel", 80): "BLOCK_M=64: 64x128x64 (4 warps; bf16 and int4), and with int4 "
                              "experts 64x64x128, 64x64x64/GROUP_M 8 and 64x128x64/8 warps spill "
                              "(two fp32 accumulators plus the unpacked int4 tiles)",

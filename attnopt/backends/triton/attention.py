@@ -32,7 +32,9 @@ context reads 4k keys. A sink is a logit with no value: prefill starts each row'
 (m, l) = (sink, 1) instead of (-inf, 0), and the split-KV merges add it as one more chunk with
 weight e^(sink - m) and no output.
 
-Prefill configs are autotuned per architecture (`tuning.autotune`), keyed by the buckets of Lq
+Prefill configs are autotuned per architecture (`tuning.autotune`) from lists the compile audit
+(`attnopt.backends.triton.audit`) finds free of spills and within shared memory for every head
+dim, dtype and variant the pruner lets them serve (`prune_prefill`), keyed by the buckets of Lq
 and Lk, the head dims and every variant flag (`PREFILL_KEY`): a second prompt length in the
 same bucket never tunes again, and a config tuned for one variant is never reused for another.
 """
@@ -129,19 +131,84 @@ def _attn_fwd(
              y.to(out.dtype.element_ty), mask=row_ok[:, None] & (offs_dv < Dv)[None, :])
 
 
-# --- prefill configs: per arch, tuned per bucket -----------------------------------------------
+# --- prefill configs: per arch, pruned per head dim and variant, tuned per bucket -------------
 
-PREFILL_CONFIGS = {arch: [
-    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-    for bm, bn, w, s in [
-        (128, 64, 4, 3), (128, 128, 8, 3), (128, 32, 4, 4), (64, 64, 4, 3), (64, 32, 4, 2),
-    ]
-] for arch in tuning.ARCHS}
+def _configs(shapes: list[tuple[int, int, int, int]]) -> list[triton.Config]:
+    """Configs from (BLOCK_M, BLOCK_N, num_warps, num_stages) tuples."""
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+            for bm, bn, w, s in shapes]
+
+
+# The CUDA search spaces per arch, largest tiles first; `prune_prefill` keeps, for one call, those
+# whose registers and shared memory fit its head dims, dtype and variants. The compile audit
+# (`python -m attnopt.backends.triton.audit --family attention`) checks that every config the
+# pruner keeps compiles without spills and within the arch's shared memory. 8 warps carry the
+# 128-row tiles at head dim 128 and the 64-row tiles at head dim 256. sm_80 has no 4-warp
+# config: with the variants' tiles (a bias, softcap, ALiBi) even 64x32 spills there.
+_SHARED_PREFILL = [(128, 64, 8, 3), (64, 64, 8, 3), (64, 64, 8, 2), (64, 32, 8, 2)]
+PREFILL_CONFIGS = {
+    "sm80": _configs(_SHARED_PREFILL),
+    # wgmma keeps the accumulator in fewer registers and H100 has 227 KB of shared memory.
+    "sm90": _configs([(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 8, 3),
+                      (64, 64, 4, 3), (64, 64, 8, 2), (64, 32, 8, 2)]),
+}
+# Live fp32 values per thread a config may plan for (`_prefill_registers`) before ptxas spills:
+# calibrated on the audit's figures (sm_80's mma.sync holds q's fragments in registers too).
+REGISTER_BUDGET = {"sm80": 128, "sm90": 160}
+
+
+def _prefill_registers(c: triton.Config, block_d: int, block_dv: int, q_bytes: int,
+                       extra_tiles: int) -> float:
+    """Live 32-bit values per thread of `_attn_fwd` under config c: the fp32 accumulator
+    [BLOCK_M, BLOCK_DV], the fp32 scores [BLOCK_M, BLOCK_N] (and one more such tile for each
+    mask or bias tile added to them), and q [BLOCK_M, BLOCK_D], over 32 · num_warps threads."""
+    bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+    words = bm * block_dv + bm * bn * (1 + extra_tiles) + bm * block_d * q_bytes / 4
+    return words / (32 * c.num_warps)
+
+
+def _prefill_shared(c: triton.Config, arch: str, block_d: int, block_dv: int, q_bytes: int,
+                    tile_bytes: int) -> int:
+    """Bytes of shared memory `_attn_fwd` takes under config c: q [BLOCK_M, BLOCK_D], the K and
+    V tiles [BLOCK_N, BLOCK_D / BLOCK_DV] once per pipeline stage on sm_90 (one stage fewer on
+    sm_80, which also stages P [BLOCK_M, BLOCK_N] there for mma.sync's operand layout), and the
+    mask and bias tiles [BLOCK_M, BLOCK_N] (tile_bytes per element, all of them) in all but one
+    stage. The audit's figures: 352 KB on sm_80 and 448 KB on sm_90 for 128x128, head dim 256,
+    3 stages; 288 KB on sm_90 at head dim 128 with a bf16 additive mask."""
+    bm, bn, stages = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages
+    kv = bn * (block_d + block_dv) * q_bytes
+    staged = stages * kv if arch == "sm90" else (stages - 1) * kv + bm * bn * q_bytes
+    return bm * block_d * q_bytes + staged + (stages - 1) * bm * bn * tile_bytes
+
+
+def prune_prefill(configs: list[triton.Config], named_args: dict) -> list[triton.Config]:
+    """The configs of `configs` whose registers (`_prefill_registers`, within the arch's
+    REGISTER_BUDGET) and shared memory (`_prefill_shared`, within the device's) fit this call's
+    head dims, dtype and variants, and, of those, the ones whose row tile a short prompt fills.
+    The last config of every list (64x32, 8 warps, 2 stages: fp32 at head dim 256) is kept if
+    nothing else fits."""
+    q = named_args["q"]
+    arch, smem = "sm90", 227 * 1024
+    if q.device.type != "cpu":
+        info = tuning.device_info(q.device)
+        arch, smem = info.arch, info.smem_per_block
+    block_d, block_dv = named_args["BLOCK_D"], named_args["BLOCK_DV"]
+    q_bytes = q.element_size()
+    mask = named_args["mask"] if named_args["HAS_MASK"] else None
+    tiles = ([mask.element_size()] if mask is not None else []) + \
+        [t.element_size() for t in named_args["biases"][:named_args["NUM_BIASES"]]]
+    fits = [c for c in configs
+            if _prefill_registers(c, block_d, block_dv, q_bytes, len(tiles))
+            <= REGISTER_BUDGET[arch]
+            and _prefill_shared(c, arch, block_d, block_dv, q_bytes, sum(tiles)) <= smem]
+    fits = fits or configs[-1:]
+    shortest = min(c.kwargs["BLOCK_M"] for c in fits)
+    return [c for c in fits if c.kwargs["BLOCK_M"] <= max(shortest, named_args["lq_bucket"])]
 
 
 PREFILL_KEY = ["lq_bucket", "lk_bucket", "D", "Dv", *VARIANT_FLAGS]
 _attn_fwd_tuned = tuning.autotune(
-    PREFILL_CONFIGS, key=PREFILL_KEY,
+    PREFILL_CONFIGS, key=PREFILL_KEY, prune=prune_prefill,
     # One small config under the interpreter: tuning there would take minutes.
     interpreter_config=triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4,
                                      num_stages=1))(_attn_fwd)
