@@ -155,3 +155,19 @@ def test_w4a16_every_eligible_linear_quantized_logits_within_bound(name):
     # int4 RTN weights are ~7% off in relative Frobenius norm (one 64-wide group per row here);
     # through two random layers the logits move by about 10% (measured 0.08-0.12).
     assert ((g - e).norm() / e.norm()).item() < 0.2
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2", "gpt2"])
+def test_attention_writes_the_layout_the_graph_reads(name):
+    # SDPA returns [B, H, L, D] laid out as [B, L, H, D], which the heads-merging reshape
+    # after it reads as a view. attnopt::attention writes that layout itself (layout="blhd"):
+    # the final graph copies nothing after it (no permute -> clone -> permute).
+    with torch.no_grad():
+        reports = assert_matches_eager(build(name, "sdpa"), inputs(), options={"inner": "eager"})
+    final = [line for r in reports for line in r.passes[-1].after]
+    attention = [line for line in final if "attnopt.attention(" in line]
+    assert len(attention) == LAYERS and all("layout='blhd'" in line for line in attention)
+    # (GPT-2's 3-D clones are its dropouts, eval-mode identities, and there in eager too.)
+    copies = [line for line in final if ("aten.clone(" in line or "aten.copy" in line)
+              and line.rsplit("[", 1)[-1].count(",") == 3]
+    assert not copies

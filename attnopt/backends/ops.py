@@ -141,8 +141,10 @@ softmax.register_autograd(_softmax_backward, setup_context=_softmax_setup)
 # with a default (`Tensor[]? biases=None`) is beyond what torch.library infers from hints.
 _MODS_SCHEMA = ("float softcap=0., Tensor[]? biases=None, Tensor? alibi_slopes=None, "
                 "int window_left=-1, int window_right=-1, Tensor? sinks=None")
+# `layout`: the memory layout of the [B, Hq, Lq, Dv] output (`reference.OUT_LAYOUTS`). The
+# passes ask for the layout of the node they replace, so the graph after it needs no copy.
 _ATTENTION_SCHEMA = ("(Tensor q, Tensor k, Tensor v, Tensor? mask, bool is_causal, float scale, "
-                     f"str impl=\"auto\", {_MODS_SCHEMA}) -> Tensor")
+                     f"str impl=\"auto\", {_MODS_SCHEMA}, str layout=\"bhld\") -> Tensor")
 
 
 def attention(
@@ -159,19 +161,23 @@ def attention(
     window_left: int = -1,
     window_right: int = -1,
     sinks: Tensor | None = None,
+    layout: str = "bhld",
 ) -> Tensor:
     """softmax(q @ kᵀ * scale + mask) @ v with GQA, bottom-right causal, and the variants of
     `reference.ScoreMods` (softcap, additive biases, ALiBi slopes, sliding window, sinks) in
-    their order; `reference.attention` states the semantics."""
+    their order; `reference.attention` states the semantics. The output is laid out as
+    `layout` says (`reference.OUT_LAYOUTS`)."""
     mods = reference.ScoreMods.of(softcap, biases, alibi_slopes, window_left, window_right,
                                   sinks)
     if _use_triton(impl, q):
         from attnopt.backends.triton import attention as kernel
 
-        return kernel.attention(q, k, v, mask, is_causal, scale, mods)
+        return kernel.attention(q, k, v, mask, is_causal, scale, mods, layout=layout)
     if impl == "reference":
-        return reference.attention(q, k, v, mask, is_causal, scale, mods)
-    return _attention_cpu(q, k, v, mask, is_causal, scale, mods)
+        out = reference.attention(q, k, v, mask, is_causal, scale, mods)
+    else:
+        out = _attention_cpu(q, k, v, mask, is_causal, scale, mods)
+    return reference.in_layout(out, layout)
 
 
 attention = torch.library.custom_op("attnopt::attention", attention, mutates_args=(),
@@ -275,17 +281,17 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool,
 
 @attention.register_fake
 def _(q, k, v, mask, is_causal, scale, impl="auto", softcap=0.0, biases=None,
-      alibi_slopes=None, window_left=-1, window_right=-1, sinks=None):
+      alibi_slopes=None, window_left=-1, window_right=-1, sinks=None, layout="bhld"):
     reference.ScoreMods.of(softcap, biases, alibi_slopes, window_left, window_right,
                            sinks).check(q, k.shape[2])
-    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+    return reference.new_attention_out(q, v.shape[-1], layout)
 
 
 def _attention_setup(ctx, inputs, output):
     q, k, v, mask, is_causal, scale, *rest = inputs
     ctx.save_for_backward(q, k, v, mask)
     ctx.is_causal, ctx.scale = is_causal, scale
-    ctx.mods = reference.ScoreMods.of(*rest[1:])
+    ctx.mods = reference.ScoreMods.of(*rest[1:7])  # after impl, before layout
     ctx.biases_given = len(rest) > 2 and rest[2] is not None  # a list, maybe empty, or None
 
 
@@ -321,7 +327,7 @@ def _attention_backward(ctx, grad):
     dslopes, dsinks = back(mods.alibi_slopes), back(mods.sinks)
     # One gradient per argument the op was called with (trailing defaults are not passed).
     return (dq, dk, dv, dmask, None, None, None, None, dbiases, dslopes, None, None,
-            dsinks)[:len(ctx.needs_input_grad)]
+            dsinks, None)[:len(ctx.needs_input_grad)]
 
 
 attention.register_autograd(_attention_backward, setup_context=_attention_setup)
