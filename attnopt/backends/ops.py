@@ -619,6 +619,7 @@ def paged_attention(
     window_left: int = -1,
     window_right: int = -1,
     sinks: Tensor | None = None,
+    layout: str = "bhld",
 ) -> Tensor:
     """Attention of q [B, Hq, Lq, D] (Lq new tokens per sequence, 1..16 in decode) over each
     sequence's cached keys, read in place from the paged pools k_pool [num_blocks, block_size,
@@ -629,7 +630,8 @@ def paged_attention(
     cached token); and the variants of `attention` (`reference.ScoreMods`; biases laid out as
     the mask). `reference.paged_attention` states the semantics;
     `attnopt.cache.PagedKVCache` holds such pools. The Triton path is split-KV flash decoding
-    over the block table (`triton.paged_attention`). Inference only: no autograd formula."""
+    over the block table (`triton.paged_attention`). The output is laid out as `layout` says,
+    as `attention`'s. Inference only: no autograd formula."""
     mods = reference.ScoreMods.of(softcap, biases, alibi_slopes, window_left, window_right,
                                   sinks)
     args = (q, k_pool, v_pool, block_table, seq_lens, scale, is_causal, k_scale, v_scale, mask,
@@ -637,17 +639,18 @@ def paged_attention(
     if _use_triton(impl, q):
         from attnopt.backends.triton import paged_attention as kernel
 
-        return kernel.paged_attention(*args)
+        return kernel.paged_attention(*args, layout=layout)
     if impl == "reference":
-        return reference.paged_attention(*args)
-    return _paged_attention_cpu(*args)
+        return reference.in_layout(reference.paged_attention(*args), layout)
+    return reference.in_layout(_paged_attention_cpu(*args), layout)
 
 
 paged_attention = torch.library.custom_op(
     "attnopt::paged_attention", paged_attention, mutates_args=(),
     schema="(Tensor q, Tensor k_pool, Tensor v_pool, Tensor block_table, Tensor seq_lens, "
            "float scale, bool is_causal=True, str impl=\"auto\", Tensor? k_scale=None, "
-           f"Tensor? v_scale=None, Tensor? mask=None, {_MODS_SCHEMA}) -> Tensor")
+           f"Tensor? v_scale=None, Tensor? mask=None, {_MODS_SCHEMA}, "
+           "str layout=\"bhld\") -> Tensor")
 
 
 def _paged_attention_cpu(q, k_pool, v_pool, block_table, seq_lens, scale, is_causal,
@@ -708,12 +711,12 @@ def _paged_attention_cpu(q, k_pool, v_pool, block_table, seq_lens, scale, is_cau
 @paged_attention.register_fake
 def _(q, k_pool, v_pool, block_table, seq_lens, scale, is_causal=True, impl="auto",
       k_scale=None, v_scale=None, mask=None, softcap=0.0, biases=None, alibi_slopes=None,
-      window_left=-1, window_right=-1, sinks=None):
+      window_left=-1, window_right=-1, sinks=None, layout="bhld"):
     reference.check_paged_attention(q, k_pool, v_pool, block_table, seq_lens, k_scale, v_scale,
                                     mask, reference.ScoreMods.of(
                                         softcap, biases, alibi_slopes, window_left,
                                         window_right, sinks))
-    return q.new_empty((*q.shape[:3], v_pool.shape[3]))
+    return reference.new_attention_out(q, v_pool.shape[3], layout)
 
 
 # --- attention with past K/V (DynamicCache, for export) ----------------------------------------

@@ -328,6 +328,16 @@ def test_op_writes_the_layout_asked_on_every_path():
                           (q, k, v, None, True, 0.3, "auto", *mods_args), {"layout": "blhd"})
     with pytest.raises(ValueError, match="layout must be one of"):
         torch.ops.attnopt.attention(q, k, v, None, True, 0.3, "reference", layout="lbhd")
+    args = paged([3, 11], lq=2, d=32)
+    paged_args = (args["q"], args["k_pool"], args["v_pool"], args["block_table"],
+                  args["seq_lens"], 0.3)
+    want = torch.ops.attnopt.paged_attention(*paged_args, impl="reference")
+    for impl in ("reference", "auto", "triton"):
+        got = torch.ops.attnopt.paged_attention(*paged_args, impl=impl, layout="blhd")
+        assert got.transpose(1, 2).is_contiguous()
+        torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
+    torch.library.opcheck(torch.ops.attnopt.paged_attention.default, paged_args,
+                          {"layout": "blhd"})
 
 
 @pytest.mark.parametrize(("mods", "message"), [
