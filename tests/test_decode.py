@@ -83,6 +83,12 @@ def test_paged_cache_greedy_tokens_equal_eager(name):
     reports = attnopt.reports()
     assert reports and all(r.counts["kv_cache"] == LAYERS for r in reports)
     assert not leftover_gathers()
+    # paged_attention writes the layout the graph reads (SDPA's [B, L, H, D] in memory):
+    # nothing 4-D is cloned after it, in the prefill graph or a decode step's (the copy_s
+    # left are the cache's writes into its pools).
+    final = [line for r in reports for line in r.passes[-1].after]
+    assert not [line for line in final
+                if "aten.clone(" in line and line.rsplit("[", 1)[-1].count(",") == 3]
 
 
 @pytest.mark.parametrize("kernels", ["auto", "triton"])

@@ -157,6 +157,22 @@ def test_w4a16_every_eligible_linear_quantized_logits_within_bound(name):
     assert ((g - e).norm() / e.norm()).item() < 0.2
 
 
+@pytest.mark.parametrize("name", ["llama", "qwen2", "gpt2"])
+def test_attention_writes_the_layout_the_graph_reads(name):
+    # SDPA returns [B, H, L, D] laid out as [B, L, H, D], which the heads-merging reshape
+    # after it reads as a view. attnopt::attention writes that layout itself (layout="blhd"):
+    # the final graph copies nothing after it (no permute -> clone -> permute).
+    with torch.no_grad():
+        reports = assert_matches_eager(build(name, "sdpa"), inputs(), options={"inner": "eager"})
+    final = [line for r in reports for line in r.passes[-1].after]
+    attention = [line for line in final if "attnopt.attention(" in line]
+    assert len(attention) == LAYERS and all("layout='blhd'" in line for line in attention)
+    # (GPT-2's 3-D clones are its dropouts, eval-mode identities, and there in eager too.)
+    copies = [line for line in final if ("aten.clone(" in line or "aten.copy" in line)
+              and line.rsplit("[", 1)[-1].count(",") == 3]
+    assert not copies
+
+
 def test_bloom_decodes_through_the_batched_rule():
     # BLOOM writes attention as baddbmm(alibi, q, kᵀ) → softmax → bmm over [B·H, L, D]; a
     # decode step's products have one query row (Lq = 1), which the lowering attaches to the

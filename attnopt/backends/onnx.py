@@ -288,9 +288,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: b
               scale: float, impl: str = "auto", softcap: float = 0.0,
               biases: list[Tensor] | None = None, alibi_slopes: Tensor | None = None,
               window_left: int = -1, window_right: int = -1,
-              sinks: Tensor | None = None) -> Tensor:
+              sinks: Tensor | None = None, layout: str = "bhld") -> Tensor:
     """softmax(q @ kᵀ * scale + mask) @ v with GQA, bottom-right causal and the variants
-    (`reference.attention`)."""
+    (`reference.attention`). `layout` is a memory layout, which ONNX tensors do not have."""
     # Attention also has optional outputs (present K/V, the scores); `optimize` drops them.
     mods = ScoreMods.of(softcap, biases, alibi_slopes, window_left, window_right, sinks)
     return _ort_attention(q, k, v, mask, is_causal, scale, mods=mods)[0]

@@ -141,8 +141,10 @@ softmax.register_autograd(_softmax_backward, setup_context=_softmax_setup)
 # with a default (`Tensor[]? biases=None`) is beyond what torch.library infers from hints.
 _MODS_SCHEMA = ("float softcap=0., Tensor[]? biases=None, Tensor? alibi_slopes=None, "
                 "int window_left=-1, int window_right=-1, Tensor? sinks=None")
+# `layout`: the memory layout of the [B, Hq, Lq, Dv] output (`reference.OUT_LAYOUTS`). The
+# passes ask for the layout of the node they replace, so the graph after it needs no copy.
 _ATTENTION_SCHEMA = ("(Tensor q, Tensor k, Tensor v, Tensor? mask, bool is_causal, float scale, "
-                     f"str impl=\"auto\", {_MODS_SCHEMA}) -> Tensor")
+                     f"str impl=\"auto\", {_MODS_SCHEMA}, str layout=\"bhld\") -> Tensor")
 
 
 def attention(
@@ -159,19 +161,23 @@ def attention(
     window_left: int = -1,
     window_right: int = -1,
     sinks: Tensor | None = None,
+    layout: str = "bhld",
 ) -> Tensor:
     """softmax(q @ kᵀ * scale + mask) @ v with GQA, bottom-right causal, and the variants of
     `reference.ScoreMods` (softcap, additive biases, ALiBi slopes, sliding window, sinks) in
-    their order; `reference.attention` states the semantics."""
+    their order; `reference.attention` states the semantics. The output is laid out as
+    `layout` says (`reference.OUT_LAYOUTS`)."""
     mods = reference.ScoreMods.of(softcap, biases, alibi_slopes, window_left, window_right,
                                   sinks)
     if _use_triton(impl, q):
         from attnopt.backends.triton import attention as kernel
 
-        return kernel.attention(q, k, v, mask, is_causal, scale, mods)
+        return kernel.attention(q, k, v, mask, is_causal, scale, mods, layout=layout)
     if impl == "reference":
-        return reference.attention(q, k, v, mask, is_causal, scale, mods)
-    return _attention_cpu(q, k, v, mask, is_causal, scale, mods)
+        out = reference.attention(q, k, v, mask, is_causal, scale, mods)
+    else:
+        out = _attention_cpu(q, k, v, mask, is_causal, scale, mods)
+    return reference.in_layout(out, layout)
 
 
 attention = torch.library.custom_op("attnopt::attention", attention, mutates_args=(),
@@ -275,17 +281,17 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool,
 
 @attention.register_fake
 def _(q, k, v, mask, is_causal, scale, impl="auto", softcap=0.0, biases=None,
-      alibi_slopes=None, window_left=-1, window_right=-1, sinks=None):
+      alibi_slopes=None, window_left=-1, window_right=-1, sinks=None, layout="bhld"):
     reference.ScoreMods.of(softcap, biases, alibi_slopes, window_left, window_right,
                            sinks).check(q, k.shape[2])
-    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+    return reference.new_attention_out(q, v.shape[-1], layout)
 
 
 def _attention_setup(ctx, inputs, output):
     q, k, v, mask, is_causal, scale, *rest = inputs
     ctx.save_for_backward(q, k, v, mask)
     ctx.is_causal, ctx.scale = is_causal, scale
-    ctx.mods = reference.ScoreMods.of(*rest[1:])
+    ctx.mods = reference.ScoreMods.of(*rest[1:7])  # after impl, before layout
     ctx.biases_given = len(rest) > 2 and rest[2] is not None  # a list, maybe empty, or None
 
 
@@ -321,7 +327,7 @@ def _attention_backward(ctx, grad):
     dslopes, dsinks = back(mods.alibi_slopes), back(mods.sinks)
     # One gradient per argument the op was called with (trailing defaults are not passed).
     return (dq, dk, dv, dmask, None, None, None, None, dbiases, dslopes, None, None,
-            dsinks)[:len(ctx.needs_input_grad)]
+            dsinks, None)[:len(ctx.needs_input_grad)]
 
 
 attention.register_autograd(_attention_backward, setup_context=_attention_setup)
@@ -613,6 +619,7 @@ def paged_attention(
     window_left: int = -1,
     window_right: int = -1,
     sinks: Tensor | None = None,
+    layout: str = "bhld",
 ) -> Tensor:
     """Attention of q [B, Hq, Lq, D] (Lq new tokens per sequence, 1..16 in decode) over each
     sequence's cached keys, read in place from the paged pools k_pool [num_blocks, block_size,
@@ -623,7 +630,8 @@ def paged_attention(
     cached token); and the variants of `attention` (`reference.ScoreMods`; biases laid out as
     the mask). `reference.paged_attention` states the semantics;
     `attnopt.cache.PagedKVCache` holds such pools. The Triton path is split-KV flash decoding
-    over the block table (`triton.paged_attention`). Inference only: no autograd formula."""
+    over the block table (`triton.paged_attention`). The output is laid out as `layout` says,
+    as `attention`'s. Inference only: no autograd formula."""
     mods = reference.ScoreMods.of(softcap, biases, alibi_slopes, window_left, window_right,
                                   sinks)
     args = (q, k_pool, v_pool, block_table, seq_lens, scale, is_causal, k_scale, v_scale, mask,
@@ -631,17 +639,18 @@ def paged_attention(
     if _use_triton(impl, q):
         from attnopt.backends.triton import paged_attention as kernel
 
-        return kernel.paged_attention(*args)
+        return kernel.paged_attention(*args, layout=layout)
     if impl == "reference":
-        return reference.paged_attention(*args)
-    return _paged_attention_cpu(*args)
+        return reference.in_layout(reference.paged_attention(*args), layout)
+    return reference.in_layout(_paged_attention_cpu(*args), layout)
 
 
 paged_attention = torch.library.custom_op(
     "attnopt::paged_attention", paged_attention, mutates_args=(),
     schema="(Tensor q, Tensor k_pool, Tensor v_pool, Tensor block_table, Tensor seq_lens, "
            "float scale, bool is_causal=True, str impl=\"auto\", Tensor? k_scale=None, "
-           f"Tensor? v_scale=None, Tensor? mask=None, {_MODS_SCHEMA}) -> Tensor")
+           f"Tensor? v_scale=None, Tensor? mask=None, {_MODS_SCHEMA}, "
+           "str layout=\"bhld\") -> Tensor")
 
 
 def _paged_attention_cpu(q, k_pool, v_pool, block_table, seq_lens, scale, is_causal,
@@ -702,12 +711,12 @@ def _paged_attention_cpu(q, k_pool, v_pool, block_table, seq_lens, scale, is_cau
 @paged_attention.register_fake
 def _(q, k_pool, v_pool, block_table, seq_lens, scale, is_causal=True, impl="auto",
       k_scale=None, v_scale=None, mask=None, softcap=0.0, biases=None, alibi_slopes=None,
-      window_left=-1, window_right=-1, sinks=None):
+      window_left=-1, window_right=-1, sinks=None, layout="bhld"):
     reference.check_paged_attention(q, k_pool, v_pool, block_table, seq_lens, k_scale, v_scale,
                                     mask, reference.ScoreMods.of(
                                         softcap, biases, alibi_slopes, window_left,
                                         window_right, sinks))
-    return q.new_empty((*q.shape[:3], v_pool.shape[3]))
+    return reference.new_attention_out(q, v_pool.shape[3], layout)
 
 
 # --- attention with past K/V (DynamicCache, for export) ----------------------------------------

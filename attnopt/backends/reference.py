@@ -157,6 +157,33 @@ def alibi_bias(slopes: Tensor, rel: Tensor, dtype: torch.dtype) -> Tensor:
     return slopes.to(dtype).view(-1, 1, 1) * rel.to(dtype)
 
 
+# The memory layouts the attention ops write their [B, Hq, Lq, Dv] output in: "bhld" is
+# contiguous; "blhd" is a contiguous [B, Lq, Hq, Dv] viewed as [B, Hq, Lq, Dv] (SDPA's flash
+# layout), which the reshape that merges the heads after attention, out.transpose(1, 2)
+# .reshape(B, Lq, Hq · Dv), reads without a copy. The rewriting passes pick the layout of the
+# node they replace, so the graph around the op keeps its strides and needs no copy.
+OUT_LAYOUTS = ("bhld", "blhd")
+
+
+def new_attention_out(q: Tensor, dv: int, layout: str = "bhld") -> Tensor:
+    """An uninitialised [B, Hq, Lq, Dv] output for q [B, Hq, Lq, D] in q's dtype, in `layout`."""
+    b, hq, lq, _ = q.shape
+    if layout == "bhld":
+        return q.new_empty((b, hq, lq, dv))
+    if layout == "blhd":
+        return q.new_empty((b, lq, hq, dv)).transpose(1, 2)
+    raise ValueError(f"layout must be one of {OUT_LAYOUTS}, got {layout!r}")
+
+
+def in_layout(out: Tensor, layout: str) -> Tensor:
+    """`out` [B, H, L, D] in `layout` (a copy unless it already is)."""
+    if layout == "bhld":
+        return out.contiguous()
+    if layout == "blhd":
+        return out.transpose(1, 2).contiguous().transpose(1, 2)
+    raise ValueError(f"layout must be one of {OUT_LAYOUTS}, got {layout!r}")
+
+
 def attention_scores(q: Tensor, k: Tensor, mask: Tensor | None, is_causal: bool,
                      scale: float, mods: ScoreMods = PLAIN) -> Tensor:
     """The scores of `attention` in the compute precision, [B, Hq, Lq, Lk], every step of

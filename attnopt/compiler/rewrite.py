@@ -117,14 +117,37 @@ def _erase_between(graph: fx.Graph, before: fx.Node, node: fx.Node) -> None:
         graph.erase_node(node.prev)
 
 
+# The dim orders (outermost first) of the [B, H, L, D] output layouts an op's `layout` argument
+# names (`reference.OUT_LAYOUTS`).
+_OUT_LAYOUT_ORDERS = {(0, 1, 2, 3): "bhld", (0, 2, 1, 3): "blhd"}
+
+
+def _out_layout(t: torch.Tensor) -> str | None:
+    """The name of t's 4-D dense layout if an attention op can write it, else None."""
+    if t.dim() != 4 or not is_non_overlapping_and_dense_or_false(t):
+        return None
+    order, _ = compute_elementwise_output_logical_to_physical_perm(t)
+    return _OUT_LAYOUT_ORDERS.get(tuple(order))
+
+
+def _takes_layout(node: fx.Node) -> bool:
+    schema = getattr(node.target, "_schema", None)
+    return schema is not None and any(a.name == "layout" for a in schema.arguments)
+
+
 def _same_layout(graph: fx.Graph, new: fx.Node, old: fx.Node) -> fx.Node:
     """Downstream views were traced against the replaced node's strides (SDPA's flash kernels
     return [B, H, L, D] laid out as [B, L, H, D], say), so a replacement with other strides gets
-    copied into the old layout."""
+    copied into the old layout, unless it takes a `layout` argument and can write it."""
     before, after = old.meta.get("val"), new.meta.get("val")
     if not isinstance(before, torch.Tensor) or not isinstance(after, torch.Tensor):
         return new
     if before.stride() == after.stride() or before.numel() <= 1:
+        return new
+    if (layout := _out_layout(before)) and _takes_layout(new):
+        # The op writes that layout itself (attnopt::attention's `layout`): no copy after it.
+        new.update_kwarg("layout", layout)
+        new.meta["val"] = before
         return new
     if is_non_overlapping_and_dense_or_false(before):
         # Dense in some dim order: copy into that order and permute back. No size is written

@@ -86,7 +86,7 @@ VARIANTS = tuple(VARIANT_DEFAULTS)
 def _attention(k: Chain, v: Chain) -> Call:
     return Call(attnopt.attention.default, Capture("q"), k, v, Capture("mask"),
                 Literal("is_causal"), Literal("scale"), impl=Literal("impl"),
-                **{name: Capture(name) for name in VARIANTS})
+                layout=Capture("layout"), **{name: Capture(name) for name in VARIANTS})
 
 
 def _variants(m: Match) -> dict:

@@ -503,6 +503,7 @@ def rewrite(m: Match, graph: fx.Graph, ctx) -> fx.Node:
 
 mla = Call(attnopt.attention.default, Capture("q"), Capture("k", where=_is_assembled_key),
            Capture("v", where=_is_value_part), Capture("mask"),
-           Literal("is_causal"), Literal("scale"), impl=Literal("impl"))
+           Literal("is_causal"), Literal("scale"), impl=Literal("impl"),
+           layout=Capture("layout"))  # any: the replacement keeps the old node's layout
 
 mla_pass = PatternPass("mla", counts_as="kv_cache", rules=[Rule("absorbed", mla, rewrite, check)])

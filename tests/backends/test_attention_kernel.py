@@ -214,3 +214,68 @@ def test_attention_with_past_attends_over_the_concatenation(impl):
     assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
     torch.testing.assert_close(got[0], want[0], rtol=TOL[torch.float32], atol=TOL[torch.float32])
     torch.library.opcheck(torch.ops.attnopt.attention_with_past.default, args)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("layout", reference.OUT_LAYOUTS)
+def test_output_written_in_the_layout_asked(path, layout):
+    # "blhd": the output is a transposed view of a contiguous [B, Lq, Hq, Dv], which the
+    # heads-merging reshape after attention reads without a copy.
+    q, k, v = qkv(2, 4, 2, PATHS[path], 45, 32, 48)
+    got = kernel.attention(q, k, v, None, True, 32 ** -0.5, layout=layout, block_m=16,
+                           block_n=16, decode_split=3)
+    expected = reference.attention(q.double(), k.double(), v.double(), None, True, 32 ** -0.5)
+    torch.testing.assert_close(got.double(), expected, rtol=2e-5, atol=2e-5)
+    assert got.stride() == reference.new_attention_out(q, 48, layout).stride()
+    assert (layout == "blhd") == got.transpose(1, 2).is_contiguous()
+
+
+def test_unknown_layout_is_refused():
+    q, k, v = qkv(1, 2, 2, 5, 9, 16)
+    with pytest.raises(ValueError, match="layout must be one of"):
+        kernel.attention(q, k, v, None, False, 0.25, layout="bhdl")
+
+
+# --- the prefill pruner (what the compile audit checks compiles, decided per call) -------------
+
+GPUS = {"sm80": ((8, 0), 163 * 1024), "sm90": ((9, 0), 227 * 1024)}
+
+
+def pruned(monkeypatch, arch, d, dtype=torch.bfloat16, mask=None, biases=0, lq=2048):
+    capability, smem = GPUS[arch]
+    monkeypatch.setattr(kernel.tuning, "device_info",
+                        lambda device: kernel.tuning.DeviceInfo("gpu", capability, 100, smem))
+    q = torch.empty(1, dtype=dtype, device="meta")
+    args = dict(q=q, mask=q if mask is None else torch.empty(1, dtype=mask, device="meta"),
+                HAS_MASK=mask is not None, biases=(q,) * max(1, biases), NUM_BIASES=biases,
+                BLOCK_D=d, BLOCK_DV=d, lq_bucket=kernel.tuning.bucket(lq))
+    kept = kernel.prune_prefill(kernel.PREFILL_CONFIGS[arch], args)
+    return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps) for c in kept]
+
+
+@pytest.mark.parametrize("arch", GPUS)
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("mask", "biases"), [(None, 0), (torch.bool, 0), (torch.float32, 1)])
+def test_pruner_keeps_a_config_within_the_estimates(monkeypatch, arch, d, dtype, mask, biases):
+    kept = pruned(monkeypatch, arch, d, dtype, mask, biases)
+    assert kept and set(kept) <= {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps)
+                                  for c in kernel.PREFILL_CONFIGS[arch]}
+
+
+def test_pruner_keeps_large_tiles_where_they_fit_and_drops_them_where_not(monkeypatch):
+    # A 16-bit, unmasked prompt keeps a 128-row tile at head dims 64 and 128 on both arches,
+    # and 128x128 on H100 only; head dim 256 keeps 64x64 (8 warps), never 128 rows.
+    for d in (64, 128):
+        assert (128, 64, 8) in pruned(monkeypatch, "sm80", d)
+        assert (128, 128, 8) in pruned(monkeypatch, "sm90", d)
+    assert max(pruned(monkeypatch, "sm80", 256)) == (64, 64, 8)
+    assert max(pruned(monkeypatch, "sm90", 256)) == (64, 64, 8)
+    # An additive mask's tiles take registers and shared memory: no 128x128 on H100, no
+    # 128-row tile at head dim 128 on A100.
+    assert (128, 128, 8) not in pruned(monkeypatch, "sm90", 128, mask=torch.bfloat16)
+    assert max(pruned(monkeypatch, "sm80", 128, mask=torch.bfloat16))[0] == 64
+
+
+def test_pruner_fits_the_row_tile_to_a_short_prompt(monkeypatch):
+    assert {m for m, _, _ in pruned(monkeypatch, "sm90", 128, lq=40)} == {64}

@@ -312,6 +312,34 @@ def test_op_schema_fake_and_dispatch():
         randn(4)))
 
 
+def test_op_writes_the_layout_asked_on_every_path():
+    # layout="blhd" (what the passes ask for where SDPA's output was [B, L, H, D] in memory):
+    # the same values, a transposed view of a contiguous [B, L, H, D]; the fake agrees, and
+    # gradients flow through the layout argument.
+    q, k, v = qkv(lq=5, lk=12)
+    mods_args = (4.0, [randn(1, 4, 5, 12)], slopes(4), 6, -1, randn(4))
+    want = reference.attention(q, k, v, None, True, 0.3, ScoreMods.of(*mods_args))
+    for impl in ("reference", "auto", "triton"):
+        got = torch.ops.attnopt.attention(q, k, v, None, True, 0.3, impl, *mods_args,
+                                          layout="blhd")
+        assert got.transpose(1, 2).is_contiguous()
+        torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
+    torch.library.opcheck(torch.ops.attnopt.attention.default,
+                          (q, k, v, None, True, 0.3, "auto", *mods_args), {"layout": "blhd"})
+    with pytest.raises(ValueError, match="layout must be one of"):
+        torch.ops.attnopt.attention(q, k, v, None, True, 0.3, "reference", layout="lbhd")
+    args = paged([3, 11], lq=2, d=32)
+    paged_args = (args["q"], args["k_pool"], args["v_pool"], args["block_table"],
+                  args["seq_lens"], 0.3)
+    want = torch.ops.attnopt.paged_attention(*paged_args, impl="reference")
+    for impl in ("reference", "auto", "triton"):
+        got = torch.ops.attnopt.paged_attention(*paged_args, impl=impl, layout="blhd")
+        assert got.transpose(1, 2).is_contiguous()
+        torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
+    torch.library.opcheck(torch.ops.attnopt.paged_attention.default, paged_args,
+                          {"layout": "blhd"})
+
+
 @pytest.mark.parametrize(("mods", "message"), [
     (ScoreMods(softcap=-1.0), "softcap must be 0"),
     (ScoreMods(window_left=-2), "window_left and window_right"),

@@ -290,3 +290,14 @@ def test_bad_arguments_are_refused():
 def test_full_size_on_gpu(int8):
     check(paged([1, 1000, 4096, 2049], hq=32, hkv=8, lq=1, d=128, block_size=16,
                 dtype=torch.float16, int8=int8))
+
+
+@pytest.mark.parametrize("lq", [1, 3])
+def test_output_in_the_heads_last_layout(lq):
+    # layout="blhd": a transposed view of a contiguous [B, Lq, Hq, Dv], as the graph reads it.
+    args = paged([50, 17], lq=lq)
+    got = kernel.paged_attention(scale=0.3, is_causal=True, **args, layout="blhd",
+                                 split_len=16, block_n=16)
+    assert got.transpose(1, 2).is_contiguous()
+    want = expected(args, True)
+    torch.testing.assert_close(got.double(), want, rtol=TOL[got.dtype], atol=TOL[got.dtype])

@@ -17,15 +17,21 @@ over R and q_rot · k_rotᵀ over P, so neither is padded to the power of two ab
 
 Phase 1 (split): one program per (batch, chunk of SPLIT_LEN keys, block of BLOCK_M query rows),
 addressing each key through the block table as `triton.paged_attention` does (a tile may span
-blocks; any block size); the online softmax is `triton.attention`'s (`_fold`), with the same
-mask conventions: a bool mask drops keys, an additive one is added to scores kept in natural
-units, causal is bottom-right against each sequence's length, and a chunk in which a row sees
-no key stores o_s = 0, l_s = 0. Phase 2 is `triton.paged_attention`'s merge, over R-wide
-partial outputs. The grid is sized by the block table, so launching reads nothing back from the
-device. int8 pools are dequantized in registers as there.
+blocks; the block size is a compile-time constant); the online softmax, the mask and the causal
+band are `attention_tiles`' (`_fold`, `_modify`), with the same conventions: a bool mask drops
+keys, an additive one is added to scores kept in natural units, causal is bottom-right against
+each sequence's length, and a chunk in which a row sees no key stores o_s = 0, l_s = 0. The
+tiles below the causal diagonal and before the chunk's end take no mask, compare or -inf guard
+beyond the model's mask; the diagonal and tail tiles do. Phase 2 is `triton.paged_attention`'s
+merge, over R-wide partial outputs; the partials live in the workspace kept between calls. The
+grid is sized by the block table, so launching reads nothing back from the device. int8 pools
+are dequantized in registers as there.
 
 A contiguous latent [B, 1, Lk, R] (`latent_attention`) is read as a pool of B blocks of Lk
-tokens, one per sequence (a transposed view: no copy), through the table [[0], [1], ...].
+tokens, one per sequence (a transposed view: no copy), through the table [[0], [1], ...]. With a
+table one block wide every key is in that block at its own index, whatever the block's length,
+so the kernel addresses it as one block of ONE_BLOCK keys (a power of two above any length): one
+compiled kernel for every Lk.
 """
 
 from __future__ import annotations
@@ -37,12 +43,54 @@ from torch import Tensor
 
 from attnopt.backends import reference
 from attnopt.backends.triton import interpreting
-from attnopt.backends.triton.attention import LOG2E, _dot, _fold, _store_partial
-from attnopt.backends.triton.paged_attention import SPLIT_LEN, _load_kv_tile, _paged_merge_kernel
+from attnopt.backends.triton.attention_tiles import (
+    LOG2E,
+    _dot,
+    _fold,
+    _interior,
+    _load_kv_tile,
+    _locate,
+    _modify,
+    _store_partial,
+)
+from attnopt.backends.triton.paged_attention import SPLIT_LEN, _paged_merge_kernel, partials
 
 # Fp32 accumulator elements one program may hold ([BLOCK_M, BLOCK_R]): 32 rows of a 512-wide
-# latent. More spills registers on a GPU; fewer rows reload each cache tile more often.
+# latent. More spills registers on a GPU; fewer rows reload each cache tile more often. An int8
+# latent takes half: its tile dequantized in fp32 holds as many registers as 16 rows more (the
+# compile audit finds 32 rows spilling on A100 and H100).
 MAX_ACCUMULATOR = 32 * 512
+# The block size a one-block-wide table is addressed with (see the top).
+ONE_BLOCK = 1 << 30
+
+
+@triton.jit
+def _latent_tile(
+    acc, m_i, l_i, ql, qr, h, q_pos, row_ok, start, hi,
+    ckv_pool, scb, scn, scd, krot_pool, skb, skn, skd,
+    ckv_scale, sscb, sscn, krot_scale, sskb, sskn, table_row, stj, mask_rows, smn,
+    offset, R, P, qk_scale,
+    HAS_MASK: tl.constexpr, BOOL_MASK: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    NATURAL: tl.constexpr, QUANTIZED: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr, EDGE: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    """The keys [start, start + BLOCK_N) (those before hi) folded into the state; EDGE as in
+    `attention_tiles._fold_tile`."""
+    cols = start + tl.arange(0, BLOCK_N)
+    col_ok = cols < hi
+    blk, row = _locate(cols, col_ok, table_row, stj, True, BLOCK_SIZE, EDGE)
+    # The latent tile: the keys' first R lanes here, and the values below.
+    c = _load_kv_tile(ckv_pool, ckv_scale, blk, row, scb, scn, scd, sscb, sscn,
+                      tl.arange(0, BLOCK_R), col_ok, R, ql.dtype, QUANTIZED, EDGE)
+    kr = _load_kv_tile(krot_pool, krot_scale, blk, row, skb, skn, skd, sskb, sskn,
+                       tl.arange(0, BLOCK_P), col_ok, P, ql.dtype, QUANTIZED, EDGE)
+    s = (_dot(ql, tl.trans(c), DOT_IN_FP32) + _dot(qr, tl.trans(kr), DOT_IN_FP32)) * qk_scale
+    # The mask and the causal band (right edge 0); no variant (ql stands in for the pointers
+    # of biases and slopes, never read).
+    s = _modify(s, cols, col_ok, row_ok, 0, h, q_pos, offset, 0.0, ql, ql, ql, mask_rows, smn,
+                -1, 0, False, 0, False, HAS_MASK, BOOL_MASK, False, IS_CAUSAL, EDGE)
+    return _fold(acc, m_i, l_i, s, c, NATURAL, EDGE or HAS_MASK, DOT_IN_FP32)
 
 
 @triton.jit
@@ -52,10 +100,10 @@ def _latent_split_kernel(
     ckv_pool, scb, scn, sch, scd, krot_pool, skb, skn, skh, skd,
     ckv_scale, sscb, sscn, ssch, krot_scale, sskb, sskn, sskh,
     block_table, stb, stj, seq_lens, mask, smb, smh, smm, smn,
-    H, Lq, R, P, block_size, num_splits, qk_scale,
+    H, Lq, R, P, num_splits, qk_scale,
     HAS_MASK: tl.constexpr, BOOL_MASK: tl.constexpr, IS_CAUSAL: tl.constexpr,
     NATURAL: tl.constexpr, QUANTIZED: tl.constexpr, DOT_IN_FP32: tl.constexpr,
-    SPLIT_LEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, SPLIT_LEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     """Phase 1: keys [split · SPLIT_LEN, (split + 1) · SPLIT_LEN) of sequence b against BLOCK_M
@@ -66,7 +114,6 @@ def _latent_split_kernel(
     row_ok = r < H * Lq
     h = r // Lq
     q_pos = r % Lq
-    offs_n = tl.arange(0, BLOCK_N)
     offs_r = tl.arange(0, BLOCK_R)
     offs_p = tl.arange(0, BLOCK_P)
 
@@ -84,31 +131,23 @@ def _latent_split_kernel(
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         table_row = block_table + b * stb
         mask_rows = mask + b * smb + h * smh + q_pos * smm  # row i of query head h's mask
-        for start in range(lo, hi, BLOCK_N):
-            cols = start + offs_n
-            key_ok = cols < hi
-            blk = tl.load(table_row + (cols // block_size) * stj, mask=key_ok, other=0)
-            blk = blk.to(tl.int64)
-            row = cols % block_size
-            # The latent tile: the keys' first R lanes here, and the values below.
-            c = _load_kv_tile(ckv_pool, ckv_scale, blk, row, 0, scb, scn, sch, scd,
-                              sscb, sscn, ssch, offs_r, key_ok, R, ql.dtype, QUANTIZED)
-            kr = _load_kv_tile(krot_pool, krot_scale, blk, row, 0, skb, skn, skh, skd,
-                               sskb, sskn, sskh, offs_p, key_ok, P, ql.dtype, QUANTIZED)
-            s = (_dot(ql, tl.trans(c), DOT_IN_FP32) + _dot(qr, tl.trans(kr), DOT_IN_FP32)) \
-                * qk_scale
-            keep = key_ok[None, :]
-            if HAS_MASK:
-                mk = tl.load(mask_rows[:, None] + cols[None, :] * smn,
-                             mask=rows & key_ok[None, :], other=0)
-                if BOOL_MASK:
-                    keep = keep & (mk != 0)
-                else:  # NATURAL scores: the mask is added as eager adds it
-                    s += mk.to(tl.float32)
-            if IS_CAUSAL:
-                keep = keep & (cols[None, :] <= q_pos[:, None] + (seq_len - Lq))
-            s = tl.where(keep, s, float("-inf"))
-            acc, m_i, l_i = _fold(acc, m_i, l_i, s, c, NATURAL, DOT_IN_FP32)
+        offset = seq_len - Lq
+        # Interior tiles (below every row's causal diagonal, before hi), then the edge tiles.
+        _, z = _interior(lo, hi, offset, Lq - 1 + offset, 0, 0, False, IS_CAUSAL, BLOCK_N)
+        for start in range(lo, z, BLOCK_N):
+            acc, m_i, l_i = _latent_tile(
+                acc, m_i, l_i, ql, qr, h, q_pos, row_ok, start, hi,
+                ckv_pool, scb, scn, scd, krot_pool, skb, skn, skd,
+                ckv_scale, sscb, sscn, krot_scale, sskb, sskn, table_row, stj, mask_rows, smn,
+                offset, R, P, qk_scale, HAS_MASK, BOOL_MASK, IS_CAUSAL, NATURAL, QUANTIZED,
+                BLOCK_SIZE, DOT_IN_FP32, False, BLOCK_N, BLOCK_R, BLOCK_P)
+        for start in range(z, hi, BLOCK_N):
+            acc, m_i, l_i = _latent_tile(
+                acc, m_i, l_i, ql, qr, h, q_pos, row_ok, start, hi,
+                ckv_pool, scb, scn, scd, krot_pool, skb, skn, skd,
+                ckv_scale, sscb, sscn, krot_scale, sskb, sskn, table_row, stj, mask_rows, smn,
+                offset, R, P, qk_scale, HAS_MASK, BOOL_MASK, IS_CAUSAL, NATURAL, QUANTIZED,
+                BLOCK_SIZE, DOT_IN_FP32, True, BLOCK_N, BLOCK_R, BLOCK_P)
 
         # Partials [B, H, Lq, num_splits, (R)]: the layout `_paged_merge_kernel` reads.
         part = ((b * H + h) * Lq + q_pos) * num_splits + split
@@ -151,13 +190,11 @@ def paged_latent_attention(
 
     rows, block_r = h * lq, triton.next_power_of_2(rank)
     bm = block_m or min(64, max(16, triton.next_power_of_2(rows)),
-                        max(16, MAX_ACCUMULATOR // block_r))
+                        max(16, MAX_ACCUMULATOR // (2 if quantized else 1) // block_r))
     bn = block_n or (32 if interpreting() or block_r >= 512 else 64)
     chunk = triton.cdiv(split_len or SPLIT_LEN, bn) * bn
     num_splits = max(1, triton.cdiv(block_table.shape[1] * block_size, chunk))
-    o_part = torch.empty((b, h, lq, num_splits, rank), dtype=torch.float32, device=q_lat.device)
-    m_part, l_part = torch.empty((2, b, h, lq, num_splits), dtype=torch.float32,
-                                 device=q_lat.device)
+    o_part, m_part, l_part = partials(q_lat.device, b * h * lq, num_splits, rank)
     natural = mask is not None and mask.dtype != torch.bool  # additive: natural-unit scores
     # Without int8 the scale pointers are unused: any tensor with zero strides will do.
     cs = (ckv_scale, *ckv_scale.stride()) if quantized else (q_lat, 0, 0, 0)
@@ -168,15 +205,16 @@ def paged_latent_attention(
         o_part, m_part, l_part, q_lat, *q_lat.stride(), q_rot, *q_rot.stride(),
         ckv_pool, *ckv_pool.stride(), krot_pool, *krot_pool.stride(), *cs, *ks,
         block_table, *block_table.stride(), seq_lens, *ms,
-        h, lq, rank, rope, block_size, num_splits,
+        h, lq, rank, rope, num_splits,
         float(scale) * (1.0 if natural else LOG2E.value),
         HAS_MASK=mask is not None, BOOL_MASK=mask is not None and mask.dtype == torch.bool,
         IS_CAUSAL=bool(is_causal), NATURAL=natural, QUANTIZED=quantized,
-        DOT_IN_FP32=interpreting() and q_lat.dtype == torch.bfloat16, SPLIT_LEN=chunk,
+        DOT_IN_FP32=interpreting() and q_lat.dtype == torch.bfloat16,
+        BLOCK_SIZE=ONE_BLOCK if block_table.shape[1] == 1 else block_size, SPLIT_LEN=chunk,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=block_r, BLOCK_P=triton.next_power_of_2(rope),
         num_warps=8 if block_r >= 256 else 4)
     _paged_merge_kernel[(b * h * lq,)](  # no sinks, no window: their arguments unused
-        out, o_part, m_part, l_part, seq_lens, out, h, lq, rank, num_splits, 0,
+        out, *out.stride(), o_part, m_part, l_part, seq_lens, out, h, lq, rank, num_splits, 0,
         NATURAL=natural, HAS_SINKS=False, BOUND_LEFT=False, SPLIT_LEN=chunk,
         BLOCK_S=min(16, triton.next_power_of_2(num_splits)), BLOCK_DV=block_r)
     return out

@@ -4,16 +4,18 @@ The cache of one layer is a pool of fixed-size blocks, K [num_blocks, block_size
 V [num_blocks, block_size, Hkv, Dv] (`attnopt.cache.PagedKVCache`), and sequence b's token t
 lies in block block_table[b, t // block_size], row t % block_size. Nothing is gathered into a
 contiguous K/V first: the kernel computes each key's address from the block table as it loads
-the tile, so a tile of BLOCK_N keys may span several blocks and the block size need not be a
-power of two. K/V are read through the pools' strides (the token-major layout above is what
-the cache writes; a head-major pool [num_blocks, Hkv, block_size, D] viewed as
-`.transpose(1, 2)` reads as well).
+the tile, so a tile of BLOCK_N keys may span several blocks. The block size is a compile-time
+constant (`attention_tiles._locate`): `PagedKVCache`'s powers of two make the key's block and row
+a shift and a mask; any other size works too, with one compiled kernel per size. K/V are read
+through the pools' strides (the token-major layout above is what the cache writes; a head-major
+pool [num_blocks, Hkv, block_size, D] viewed as `.transpose(1, 2)` reads as well).
 
 Phase 1 (split): one program per (batch, KV head, chunk of SPLIT_LEN keys, block of query rows).
 The chunk's K/V is read once for every query head of the group (GQA by indexing: query head h
 reads KV head h // (Hq // Hkv)) and every one of the Lq query rows, flattened as
-r = g · Lq + i. It folds the chunk into the online softmax of `triton.attention` (base 2) and
-writes its normalised partial output and softmax state (m, l) per row.
+r = g · Lq + i. It folds the chunk into the online softmax of `attention_tiles` and
+writes its normalised partial output and softmax state (m, l) per row, into a workspace kept
+between calls (`workspace`): a call makes LAUNCHES launches and allocates only its output.
 
 Phase 2 (merge): one program per output row combines that sequence's chunks,
 out = Σ_s w_s o_s / Σ_s w_s with w_s = l_s · exp(m_s - max m), streaming over them with a
@@ -28,7 +30,9 @@ wider than the sequences costs only programs that exit at once and a larger part
 
 int8 pools are dequantized in registers: each tile of int8 codes is multiplied by its per
 (token, head) fp32 scales and rounded to q's dtype before the products, exactly as
-`reference.dequantize_kv` states.
+`reference.dequantize_kv` states. The key loop is `attention_tiles._attend`'s: the interior
+tiles of a chunk without masks or compares, the causal diagonal, the window's edge and the
+sequence's tail with them.
 
 The model's mask (optional) is read through the strides of its broadcast view [B, Hq, Lq,
 max_blocks · block_size] (stride 0 on broadcast dims): for each tile the split phase loads
@@ -53,35 +57,23 @@ from torch import Tensor
 
 from attnopt.backends import reference
 from attnopt.backends.triton import interpreting
-from attnopt.backends.triton.attention import (
+from attnopt.backends.triton.attention import variants
+from attnopt.backends.triton.attention_tiles import (
     LOG2E,
-    _dot,
+    _attend,
     _exp,
     _finite_or_zero,
-    _fold,
-    _modify,
     _store_partial,
     _with_sink,
-    variants,
 )
+from attnopt.backends.triton.workspace import carve, workspace
 
 # Keys per chunk of the split phase by default: long enough that a chunk's partial output and
 # the merge stay small next to its attention work, short enough that a few thousand cached
 # tokens already spread over many programs.
 SPLIT_LEN = 256
-
-
-@triton.jit
-def _load_kv_tile(pool, scale, blk, row, hkv, sb, sn, sh, sd, ssb, ssn, ssh, offs_d, key_ok,
-                  D, dtype: tl.constexpr, QUANTIZED: tl.constexpr):
-    """The [BLOCK_N, BLOCK_D] vectors of KV head hkv of BLOCK_N keys (or values), in q's dtype:
-    key n lives at pool[blk[n], row[n], hkv]; lanes past D or past the keys read 0."""
-    x = tl.load(pool + (blk * sb + row * sn + hkv * sh)[:, None] + offs_d[None, :] * sd,
-                mask=key_ok[:, None] & (offs_d < D)[None, :], other=0)
-    if QUANTIZED:
-        s = tl.load(scale + blk * ssb + row * ssn + hkv * ssh, mask=key_ok, other=0.0)
-        x = x.to(tl.float32) * s[:, None]
-    return x.to(dtype)
+# Triton launches of one call (`tests/backends/test_launch_counts.py` holds it to this).
+LAUNCHES = 2
 
 
 @triton.jit
@@ -100,12 +92,12 @@ def _paged_split_kernel(
     k_pool, skb, skn, skh, skd, v_pool, svb, svn, svh, svd,
     k_scale, sksb, sksn, sksh, v_scale, svsb, svsn, svsh,
     block_table, stb, stj, seq_lens, mask, smb, smh, smm, smn, biases, bias_strides, slopes,
-    Hq, Hkv, Lq, D, Dv, block_size, num_splits, qk_scale, softcap, left, right,
+    Hq, Hkv, Lq, D, Dv, num_splits, qk_scale, softcap, left, right,
     SOFTCAP: tl.constexpr, NUM_BIASES: tl.constexpr, HAS_ALIBI: tl.constexpr,
     HAS_MASK: tl.constexpr, BOOL_MASK: tl.constexpr, BOUND_LEFT: tl.constexpr,
     BOUND_RIGHT: tl.constexpr, NATURAL: tl.constexpr, QUANTIZED: tl.constexpr,
-    DOT_IN_FP32: tl.constexpr, SPLIT_LEN: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr, BLOCK_SIZE: tl.constexpr, SPLIT_LEN: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """Phase 1: keys [split · SPLIT_LEN, (split + 1) · SPLIT_LEN) of one (batch, KV head)
     against BLOCK_M of the group's (query head, query row) pairs."""
@@ -118,7 +110,6 @@ def _paged_split_kernel(
     row_ok = r < group * Lq
     h = hkv * group + r // Lq
     q_pos = r % Lq
-    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
 
@@ -135,26 +126,17 @@ def _paged_split_kernel(
         acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-        table_row = block_table + b * stb
-        mask_rows = mask + b * smb + h * smh + q_pos * smm  # row i of query head h's mask
-        for start in range(tl.maximum(lo, first // BLOCK_N * BLOCK_N), hi, BLOCK_N):
-            cols = start + offs_n
-            key_ok = cols < hi
-            # Each key's address: its block from the table, its row within the block.
-            blk = tl.load(table_row + (cols // block_size) * stj, mask=key_ok, other=0)
-            blk = blk.to(tl.int64)
-            row = cols % block_size
-            k_blk = _load_kv_tile(k_pool, k_scale, blk, row, hkv, skb, skn, skh, skd,
-                                  sksb, sksn, sksh, offs_d, key_ok, D, q_blk.dtype, QUANTIZED)
-            s = _modify(_dot(q_blk, tl.trans(k_blk), DOT_IN_FP32) * qk_scale, cols, key_ok,
-                        row_ok, b, h, q_pos, seq_len - Lq, softcap, biases, bias_strides,
-                        slopes, mask_rows, smn, left, right, SOFTCAP, NUM_BIASES, HAS_ALIBI,
-                        HAS_MASK, BOOL_MASK, BOUND_LEFT, BOUND_RIGHT)
-            v_blk = _load_kv_tile(v_pool, v_scale, blk, row, hkv, svb, svn, svh, svd,
-                                  svsb, svsn, svsh, offs_dv, key_ok, Dv, q_blk.dtype,
-                                  QUANTIZED)
-            acc, m_i, l_i = _fold(acc, m_i, l_i, s, v_blk, NATURAL, DOT_IN_FP32)
-
+        offset = seq_len - Lq
+        acc, m_i, l_i = _attend(
+            acc, m_i, l_i, q_blk, b, h, q_pos, row_ok,
+            k_pool + hkv * skh, skb, skn, skd, v_pool + hkv * svh, svb, svn, svd,
+            k_scale + hkv * sksh, sksb, sksn, v_scale + hkv * svsh, svsb, svsn,
+            block_table + b * stb, stj, mask + b * smb + h * smh + q_pos * smm, smn,
+            biases, bias_strides, slopes, tl.maximum(lo, first // BLOCK_N * BLOCK_N), hi,
+            offset, offset, Lq - 1 + offset, D, Dv, qk_scale, softcap, left, right,
+            SOFTCAP, NUM_BIASES, HAS_ALIBI, HAS_MASK, BOOL_MASK, BOUND_LEFT, BOUND_RIGHT,
+            NATURAL, True, QUANTIZED, BLOCK_SIZE, DOT_IN_FP32, BLOCK_N, BLOCK_D, BLOCK_DV,
+        )
         # Partials are [B, Hq, Lq, num_splits, (Dv)]: a row's chunks are adjacent for the
         # merge. A chunk in which a row sees no key stores o_s = 0 and l_s = 0.
         part = ((b * Hq + h) * Lq + q_pos) * num_splits + split
@@ -163,8 +145,8 @@ def _paged_split_kernel(
 
 @triton.jit
 def _paged_merge_kernel(
-    out, o_part, m_part, l_part, seq_lens, sinks, Hq, Lq, Dv, num_splits, left,
-    NATURAL: tl.constexpr, HAS_SINKS: tl.constexpr, BOUND_LEFT: tl.constexpr,
+    out, sob, soh, som, sod, o_part, m_part, l_part, seq_lens, sinks, Hq, Lq, Dv, num_splits,
+    left, NATURAL: tl.constexpr, HAS_SINKS: tl.constexpr, BOUND_LEFT: tl.constexpr,
     SPLIT_LEN: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """Phase 2: out[row] for one of the B · Hq · Lq rows, from the chunks of its sequence that
@@ -193,9 +175,19 @@ def _paged_merge_kernel(
         acc = acc * alpha + tl.sum(w[:, None] * o, axis=0)
         total = total * alpha + tl.sum(w, axis=0)
         m = m_new
-    acc, total = _with_sink(acc, total, m, sinks, row // Lq % Hq, NATURAL, HAS_SINKS)
+    h = row // Lq % Hq
+    acc, total = _with_sink(acc, total, m, sinks, h, NATURAL, HAS_SINKS)
     y = acc / tl.where(total > 0, total, 1.0)
-    tl.store(out + row * Dv + offs_dv, y.to(out.dtype.element_ty), mask=offs_dv < Dv)
+    dst = out + b * sob + h * soh + row % Lq * som
+    tl.store(dst + offs_dv * sod, y.to(out.dtype.element_ty), mask=offs_dv < Dv)
+
+
+def partials(device: torch.device, rows: int, num_splits: int, width: int) -> list[Tensor]:
+    """o_part [rows, num_splits, width], m_part and l_part [rows, num_splits], fp32, in the
+    workspace kept between calls."""
+    n = rows * num_splits
+    return carve(workspace(device, n * (width + 2)), (rows, num_splits, width),
+                 (rows, num_splits), (rows, num_splits))
 
 
 def paged_attention(
@@ -211,11 +203,13 @@ def paged_attention(
     mask: Tensor | None = None,
     mods: reference.ScoreMods = reference.PLAIN,
     *,
+    layout: str = "bhld",
     split_len: int | None = None,
     block_m: int | None = None,
     block_n: int | None = None,
 ) -> Tensor:
-    """`reference.paged_attention` for fp16, bf16 and fp32 q with pools of q's dtype or int8.
+    """`reference.paged_attention` for fp16, bf16 and fp32 q with pools of q's dtype or int8,
+    written in `layout` (`reference.OUT_LAYOUTS`).
 
     `split_len` (keys per chunk of the split phase, default SPLIT_LEN), `block_m` ((query head,
     query row) pairs per program) and `block_n` (keys per tile) override the defaults, which
@@ -229,7 +223,7 @@ def paged_attention(
     b, hq, lq, d = q.shape
     _, block_size, hkv, dv = v_pool.shape
     seq_lens = seq_lens.contiguous()  # read as B consecutive lengths (an expand has stride 0)
-    out = torch.empty((b, hq, lq, dv), dtype=q.dtype, device=q.device)
+    out = reference.new_attention_out(q, dv, layout)
     if out.numel() == 0:
         return out
     quantized = k_pool.dtype == torch.int8
@@ -237,12 +231,11 @@ def paged_attention(
 
     rows = hq // hkv * lq  # tl.dot needs 16 rows; past 64 rows of q and acc would spill
     bm = block_m or min(64, max(16, triton.next_power_of_2(rows)))
-    bn = block_n or (32 if interpreting() else 64)
+    # Head dim 256 (Gemma 2) with 64-key tiles spills on A100 and H100 (the compile audit).
+    bn = block_n or (32 if interpreting() or max(d, dv) > 128 else 64)
     chunk = triton.cdiv(split_len or SPLIT_LEN, bn) * bn
     num_splits = max(1, triton.cdiv(capacity, chunk))
-    o_part = torch.empty((b, hq, lq, num_splits, dv), dtype=torch.float32, device=q.device)
-    m_part, l_part = torch.empty((2, b, hq, lq, num_splits), dtype=torch.float32,
-                                 device=q.device)
+    o_part, m_part, l_part = partials(q.device, b * hq * lq, num_splits, dv)
     var = variants(mods, mask, is_causal, q, (b, hq, lq, capacity))
     biases, bias_strides, slopes, sinks = var.args
     # Without int8 the scale pointers are unused: any tensor with zero strides will do.
@@ -254,14 +247,15 @@ def paged_attention(
     _paged_split_kernel[(b * hkv, num_splits, triton.cdiv(rows, bm))](
         o_part, m_part, l_part, q, *q.stride(), k_pool, *k_pool.stride(), v_pool, *v_pool.stride(),
         *ks, *vs, block_table, *block_table.stride(), seq_lens, *ms, biases, bias_strides, slopes,
-        hq, hkv, lq, d, dv, block_size, num_splits,
+        hq, hkv, lq, d, dv, num_splits,
         float(scale) * (1.0 if var.natural else LOG2E.value), float(mods.softcap), var.left,
-        var.right, **var.split_flags(QUANTIZED=quantized, SPLIT_LEN=chunk, BLOCK_M=bm, BLOCK_N=bn,
-                                     BLOCK_D=triton.next_power_of_2(d), BLOCK_DV=block_dv),
+        var.right, **var.split_flags(QUANTIZED=quantized, BLOCK_SIZE=block_size, SPLIT_LEN=chunk,
+                                     BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=triton.next_power_of_2(d),
+                                     BLOCK_DV=block_dv),
         num_warps=4)
     _paged_merge_kernel[(b * hq * lq,)](
-        out, o_part, m_part, l_part, seq_lens, sinks, hq, lq, dv, num_splits, var.left,
-        NATURAL=var.natural, HAS_SINKS=var.flags["HAS_SINKS"],
+        out, *out.stride(), o_part, m_part, l_part, seq_lens, sinks, hq, lq, dv, num_splits,
+        var.left, NATURAL=var.natural, HAS_SINKS=var.flags["HAS_SINKS"],
         BOUND_LEFT=var.flags["BOUND_LEFT"], SPLIT_LEN=chunk,
         BLOCK_S=min(16, triton.next_power_of_2(num_splits)), BLOCK_DV=block_dv)
     return out

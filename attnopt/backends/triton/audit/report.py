@@ -36,8 +36,10 @@ def config_label(job: Job) -> str:
     """Block sizes, warps and stages of a job, e.g. "BLOCK_M=128 BLOCK_N=64 w4 s3"."""
     signature, constexprs, _, options = job.decode()
     names = list(signature)
-    blocks = [f"{names[i]}={v}" for (i,), v in sorted(constexprs.items())
-              if names[i].startswith(_CONFIG_PREFIXES)]
+    # Keys of more than one index are elements of a tuple argument (a bias's strides), never
+    # a block size.
+    blocks = [f"{names[key[0]]}={v}" for key, v in sorted(constexprs.items())
+              if len(key) == 1 and names[key[0]].startswith(_CONFIG_PREFIXES)]
     warps, stages = options.get("num_warps", 4), options.get("num_stages", 3)
     return " ".join([*blocks, f"w{warps}", f"s{stages}"])
 

@@ -21,7 +21,15 @@ from dataclasses import dataclass
 
 import torch
 
-from attnopt.backends.triton import attention, moe, paged_attention, softmax, w4a16
+from attnopt.backends.reference import ScoreMods
+from attnopt.backends.triton import (
+    attention,
+    latent_attention,
+    moe,
+    paged_attention,
+    softmax,
+    w4a16,
+)
 
 BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
 
@@ -56,7 +64,7 @@ def _fp32_precision(tf32: bool) -> Iterator[None]:
         torch.backends.cuda.matmul.fp32_precision = before
 
 
-# --- attention --------------------------------------------------------------------------------
+# --- attention ---------------------------------------------------------------------------------
 
 # Query heads, KV heads, head dim.
 ATTENTION_MODELS = {
@@ -68,6 +76,31 @@ ATTENTION_MODELS = {
 MASKS = ("causal", "bool", "additive", "none")
 
 
+def _variant(name: str, b: int, hq: int, lq: int, lk: int, dtype) -> ScoreMods:
+    """The variants (`reference.ScoreMods`) as the models that use them set them."""
+    window = ScoreMods(window_left=4095)  # Gemma 2, GPT-OSS, Mistral: a 4k sliding window
+    mods = {
+        "": ScoreMods(),
+        "softcap": ScoreMods(softcap=50.0),  # Gemma 2
+        "window": window,
+        "sinks": ScoreMods(sinks=meta(hq, dtype=dtype)),  # GPT-OSS
+        "alibi": ScoreMods(alibi_slopes=meta(hq, dtype=FP32)),  # Falcon, BLOOM
+        # T5's position bias per head, and a padding bias over the keys.
+        "biases": ScoreMods(biases=(meta(1, hq, lq, lk, dtype=dtype), meta(b, 1, 1, lk,
+                                                                           dtype=dtype))),
+        "gemma2": ScoreMods(softcap=50.0, window_left=4095),
+        "gpt-oss": ScoreMods(sinks=meta(hq, dtype=dtype), window_left=127),
+        "everything": ScoreMods(softcap=30.0, biases=(meta(1, hq, lq, lk, dtype=dtype),),
+                                alibi_slopes=meta(hq, dtype=FP32), window_left=4095,
+                                sinks=meta(hq, dtype=dtype)),
+    }
+    return mods[name]
+
+
+VARIANTS = ("", "softcap", "window", "sinks", "alibi", "biases", "gemma2", "gpt-oss",
+            "everything")
+
+
 def _mask(kind: str, b: int, lq: int, lk: int, dtype: torch.dtype):
     if kind == "bool":
         return meta(b, 1, lq, lk, dtype=torch.bool)
@@ -76,16 +109,17 @@ def _mask(kind: str, b: int, lq: int, lk: int, dtype: torch.dtype):
     return None
 
 
-def _attention(model: str, dtype, mask: str, lq: int, lk: int, b: int = 1) -> Scenario:
+def _attention(model: str, dtype, mask: str, lq: int, lk: int, b: int = 1,
+               variant: str = "", layout: str = "blhd") -> Scenario:
     hq, hkv, d = ATTENTION_MODELS[model]
 
     def call():
         q = heads_view(b, lq, hq, d, dtype)
         k, v = heads_view(b, lk, hkv, d, dtype), heads_view(b, lk, hkv, d, dtype)
         attention.attention(q, k, v, _mask(mask, b, lq, lk, dtype), mask == "causal",
-                            d ** -0.5)
+                            d ** -0.5, _variant(variant, b, hq, lq, lk, dtype), layout=layout)
 
-    return Scenario(_name("attention", model, dtype, mask, f"Lq={lq} Lk={lk}"), call)
+    return Scenario(_name("attention", model, dtype, mask, variant, f"Lq={lq} Lk={lk}"), call)
 
 
 def attention_scenarios(full: bool) -> Iterator[Scenario]:
@@ -93,17 +127,25 @@ def attention_scenarios(full: bool) -> Iterator[Scenario]:
         for model, dtype, mask in itertools.product(ATTENTION_MODELS, (BF16, FP16, FP32), MASKS):
             yield _attention(model, dtype, mask, 2048, 2048)
             yield _attention(model, dtype, mask, 1, 4096)
+        for model, dtype, variant in itertools.product(ATTENTION_MODELS, (BF16, FP16, FP32),
+                                                       VARIANTS[1:]):
+            yield _attention(model, dtype, "causal", 2048, 2048, variant=variant)
+            yield _attention(model, dtype, "bool", 1, 4096, variant=variant)
+            yield _attention(model, dtype, "additive", 2048, 2048, variant=variant)
         for lq in (4, 1000):  # speculative decode; a ragged prompt
             yield _attention("llama3-8b", BF16, "causal", lq, lq if lq > 16 else 4096)
+        yield _attention("llama3-8b", BF16, "causal", 2048, 2048, layout="bhld")
         return
     for mask in ("causal", "additive"):  # base-2 and natural-unit scores
         yield _attention("llama3-8b", BF16, mask, 2048, 2048)
-    yield _attention("gemma2-9b", BF16, "causal", 2048, 2048)  # head dim 256
+    yield _attention("gemma2-9b", BF16, "causal", 2048, 2048, variant="gemma2")  # head dim 256
+    yield _attention("gpt2", FP16, "bool", 1024, 1024, variant="everything")  # head dim 64
     yield _attention("llama3-8b", BF16, "bool", 1, 4096)
+    yield _attention("gemma2-9b", BF16, "causal", 1, 4096, variant="gemma2")
 
 
 def _paged(model: str, dtype, int8: bool, mask: str, lq: int, tokens: int = 4096,
-           b: int = 8) -> Scenario:
+           b: int = 8, variant: str = "") -> Scenario:
     hq, hkv, d = ATTENTION_MODELS[model]
     block_size, width = 16, tokens // 16
 
@@ -113,13 +155,15 @@ def _paged(model: str, dtype, int8: bool, mask: str, lq: int, tokens: int = 4096
         v_pool = meta(b * width, block_size, hkv, d, dtype=pool_dtype)
         scales = [meta(b * width, block_size, hkv, dtype=FP32) for _ in range(2)] if int8 \
             else [None, None]
+        capacity = width * block_size
         paged_attention.paged_attention(
             heads_view(b, lq, hq, d, dtype), k_pool, v_pool, meta(b, width, dtype=torch.int32),
             meta(b, dtype=torch.int32), d ** -0.5, mask == "causal", *scales,
-            _mask(mask, b, lq, width * block_size, dtype))
+            _mask(mask, b, lq, capacity, dtype), _variant(variant, b, hq, lq, capacity, dtype),
+            layout="blhd")
 
-    return Scenario(_name("paged", model, dtype, "int8" if int8 else "", mask, f"Lq={lq}"),
-                    call)
+    return Scenario(_name("paged", model, dtype, "int8" if int8 else "", mask, variant,
+                          f"Lq={lq}"), call)
 
 
 def paged_scenarios(full: bool) -> Iterator[Scenario]:
@@ -127,11 +171,62 @@ def paged_scenarios(full: bool) -> Iterator[Scenario]:
         for model, dtype, int8, mask in itertools.product(
                 ATTENTION_MODELS, (BF16, FP16, FP32), (False, True), MASKS):
             yield _paged(model, dtype, int8, mask, 1)
+        for model, dtype, variant in itertools.product(ATTENTION_MODELS, (BF16, FP16, FP32),
+                                                       VARIANTS[1:]):
+            yield _paged(model, dtype, False, "causal", 1, variant=variant)
+            yield _paged(model, dtype, True, "additive", 1, variant=variant)
         yield _paged("llama3-8b", BF16, False, "causal", 4)
         return
     yield _paged("llama3-8b", BF16, False, "causal", 1)
     yield _paged("llama3-8b", BF16, True, "additive", 1)
-    yield _paged("gemma2-9b", FP16, False, "bool", 1)
+    yield _paged("gemma2-9b", FP16, False, "bool", 1, variant="gemma2")
+    yield _paged("gpt2", BF16, False, "causal", 1, variant="everything")
+
+
+# DeepSeek-V3's MLA: query heads, kv_lora_rank (the latent), rope dim.
+LATENT_MODELS = {"deepseek-v3": (128, 512, 64), "deepseek-v2-lite": (16, 512, 64)}
+
+
+def _latent(model: str, dtype, int8: bool, mask: str, lq: int, tokens: int = 4096,
+            b: int = 8, paged: bool = True) -> Scenario:
+    """MLA over its latent cache: decode over the paged latent pools, or the contiguous latent
+    of a prompt (prefill)."""
+    h, rank, rope = LATENT_MODELS[model]
+    block_size, width = 16, tokens // 16
+
+    def call():
+        q_lat, q_rot = heads_view(b, lq, h, rank, dtype), heads_view(b, lq, h, rope, dtype)
+        pool_dtype = torch.int8 if int8 else dtype
+        if not paged:
+            c_kv, k_rot = meta(b, 1, tokens, rank, dtype=dtype), meta(b, 1, tokens, rope,
+                                                                      dtype=dtype)
+            latent_attention.latent_attention(q_lat, q_rot, c_kv, k_rot,
+                                              _mask(mask, b, lq, tokens, dtype),
+                                              mask == "causal", 0.1)
+            return
+        scales = [meta(b * width, block_size, 1, dtype=FP32) for _ in range(2)] if int8 \
+            else [None, None]
+        latent_attention.paged_latent_attention(
+            q_lat, q_rot, meta(b * width, block_size, 1, rank, dtype=pool_dtype),
+            meta(b * width, block_size, 1, rope, dtype=pool_dtype),
+            meta(b, width, dtype=torch.int32), meta(b, dtype=torch.int32), 0.1,
+            mask == "causal", *scales, _mask(mask, b, lq, width * block_size, dtype))
+
+    return Scenario(_name("latent" if paged else "latent contiguous", model, dtype,
+                          "int8" if int8 else "", mask, f"Lq={lq}"), call)
+
+
+def latent_scenarios(full: bool) -> Iterator[Scenario]:
+    if full:
+        for model, dtype, int8, mask in itertools.product(
+                LATENT_MODELS, (BF16, FP16, FP32), (False, True), MASKS):
+            yield _latent(model, dtype, int8, mask, 1)
+        for model, dtype, mask in itertools.product(LATENT_MODELS, (BF16, FP16, FP32), MASKS):
+            yield _latent(model, dtype, False, mask, 1024, 1024, b=1, paged=False)
+        return
+    yield _latent("deepseek-v3", BF16, False, "causal", 1)
+    yield _latent("deepseek-v3", BF16, True, "additive", 1)
+    yield _latent("deepseek-v2-lite", BF16, False, "causal", 1024, 1024, b=1, paged=False)
 
 
 # --- MoE --------------------------------------------------------------------------------------
@@ -286,6 +381,7 @@ RETUNE = [
 FAMILIES = {
     "attention": attention_scenarios,
     "paged": paged_scenarios,
+    "latent": latent_scenarios,
     "moe": moe_scenarios,
     "w4a16": w4a16_scenarios,
     "softmax": softmax_scenarios,
