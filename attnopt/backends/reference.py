@@ -340,6 +340,9 @@ def check_moe(x: Tensor, topk_ids: Tensor, topk_weights: Tensor, w_gate_up: Tens
     if w_gate_up.dim() != 3 or w_gate_up.shape[2] != h or w_gate_up.shape[1] % 2:
         raise ValueError(f"w_gate_up must be [E, 2I, H={h}], got {tuple(w_gate_up.shape)}")
     e, i = w_gate_up.shape[0], w_gate_up.shape[1] // 2
+    if e == 0 and topk_ids.numel():  # every id is out of range: known without the data
+        raise ValueError(f"moe: w_gate_up has no experts (E = 0) but topk_ids routes "
+                         f"{tuple(topk_ids.shape)} (token, slot) pairs to them")
     if tuple(w_down.shape) != (e, h, i):
         raise ValueError(f"w_down must be [E, H, I] = {[e, h, i]} to match w_gate_up "
                          f"{tuple(w_gate_up.shape)}, got {tuple(w_down.shape)}")
@@ -360,7 +363,8 @@ def check_moe_biases(b_gate_up: Tensor | None, b_down: Tensor | None, e: int, i:
 
 def check_moe_ids(topk_ids: Tensor, num_experts: int) -> None:
     """Every expert id in [0, E). Reads the ids (a device sync on a GPU), so only the reference
-    and CPU paths run it; the Triton path drops out-of-range pairs instead (`triton/moe.py`)."""
+    and CPU paths run it; the Triton path (`triton/moe.py`) and the ONNX translation make the
+    rows of tokens with an out-of-range id NaN instead."""
     if topk_ids.numel() == 0:
         return
     lo, hi = (int(v) for v in topk_ids.aminmax())
@@ -394,7 +398,9 @@ def moe(
     input instead (`weight_on_input`: out[t] = Σ_j expert_e(topk_weights[t, j] x[t]), the
     scaled input rounded to x's dtype as in eager). x and both weights share one dtype; the
     result is a contiguous [T, H] in it. An expert may get no tokens or all of them, and the
-    same expert twice for one token counts twice. An id outside [0, E) is a ValueError.
+    same expert twice for one token counts twice. An id outside [0, E) is a ValueError here
+    and on the CPU path; the Triton and ONNX paths, which cannot raise without a device sync
+    (or at all, in a graph), make that token's output row NaN instead.
 
     Precision, for 16-bit x (fp32 x computes in fp32 throughout, fp64 in fp64):
     1. gate and up products accumulate in fp32, take their bias in fp32 and stay fp32 through
