@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from attnopt.backends import int4, reference
+from attnopt.backends import int4, moe_cpu, reference
 from attnopt.backends.reference import ExpertForm
 from attnopt.backends.triton import moe as kernel
 from tests.conftest import DEVICE
@@ -43,12 +43,14 @@ def expected(x, ids, weights, w_gate_up, w_down, form="silu", b_gate_up=None, b_
                          w_down.double(), form, *d)
 
 
-def check(x, ids, weights, w_gate_up, w_down, form="silu", b_gate_up=None, b_down=None, **kw):
-    got = kernel.fused_moe(x, ids, weights, w_gate_up, w_down, form, b_gate_up, b_down, **kw)
-    assert got.shape == x.shape and got.dtype == x.dtype and got.is_contiguous()
+def check(x, ids, weights, w_gate_up, w_down, form="silu", b_gate_up=None, b_down=None):
+    """The Triton kernel and the CPU path against the float64 reference; the kernel's result."""
     want = expected(x, ids, weights, w_gate_up, w_down, form, b_gate_up, b_down)
     tol = TOL[x.dtype]
-    torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol, equal_nan=True)
+    for fn in (moe_cpu.moe, kernel.fused_moe):
+        got = fn(x, ids, weights, w_gate_up, w_down, form, b_gate_up, b_down)
+        assert got.shape == x.shape and got.dtype == x.dtype and got.is_contiguous()
+        torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol, equal_nan=True)
     return got
 
 
@@ -308,3 +310,24 @@ def test_two_moe_layers_compiled_on_the_kernels_match_eager(monkeypatch, name):
             want, got = model(ids).logits, compiled(ids).logits
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     assert calls == [9, 9, 1, 1]
+
+
+@pytest.mark.parametrize("t", [1, 4])
+def test_a_repeated_expert_counts_twice_as_in_transformers_eager(t):
+    # transformers' eager MixtralExperts loops over (expert, slot) hits, so an expert named in
+    # two slots of one token runs twice, each weighted: the op's documented semantics.
+    mixtral = pytest.importorskip("transformers.models.mixtral.modeling_mixtral")
+    from transformers import MixtralConfig
+
+    config = MixtralConfig(hidden_size=24, intermediate_size=20, num_local_experts=4,
+                           num_experts_per_tok=3, experts_implementation="eager")
+    w_gate_up, w_down, _, _ = experts(4, 24, 20)
+    x, ids, weights = tokens(t, 24, [[2, 0, 2]] * t)
+    module = mixtral.MixtralExperts(config).to(DEVICE)
+    with torch.no_grad():
+        module.gate_up_proj.copy_(w_gate_up)
+        module.down_proj.copy_(w_down)
+        eager = module(x, ids, weights)
+    for impl in ("auto", "triton", "reference"):
+        got = torch.ops.attnopt.moe(x, ids, weights, w_gate_up, w_down, "silu", impl)
+        torch.testing.assert_close(got, eager, rtol=1e-5, atol=1e-5)
