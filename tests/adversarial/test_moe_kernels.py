@@ -331,3 +331,30 @@ def test_a_repeated_expert_counts_twice_as_in_transformers_eager(t):
     for impl in ("auto", "triton", "reference"):
         got = torch.ops.attnopt.moe(x, ids, weights, w_gate_up, w_down, "silu", impl)
         torch.testing.assert_close(got, eager, rtol=1e-5, atol=1e-5)
+
+
+# --- the op boundary's checks under tracing -----------------------------------------------------
+
+
+@pytest.mark.parametrize("int4_weights", [False, True])
+def test_a_data_dependent_token_count_traces(int4_weights):
+    # Tokens picked by a mask (a token-dropping router) have an unbacked count u0. The
+    # data-free checks must not guard on it: check_moe_w4a16's stand-in weights (a view of x
+    # if x.numel() else a new tensor) raised "Could not guard on data-dependent expression
+    # Ne(40*u0, 0)" when traced.
+    w_gate_up, w_down, _, _ = experts(4, 40, 24)
+    packed, _ = int4_experts(w_gate_up, w_down, 32)
+
+    def routed(x, ids, weights, keep):
+        x, ids, weights = x[keep], ids[keep], weights[keep]
+        if int4_weights:
+            return torch.ops.attnopt.moe_w4a16(x, ids, weights, *packed, 32)
+        return torch.ops.attnopt.moe(x, ids, weights, w_gate_up, w_down)
+
+    x, ids, weights = tokens(6, 40, torch.randint(0, 4, (6, 2), generator=torch.Generator()
+                                                  .manual_seed(0)))
+    keep = torch.tensor([1, 0, 1, 1, 0, 1], dtype=torch.bool, device=DEVICE)
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+        got = torch.compile(routed, fullgraph=True, backend="eager")(x, ids, weights, keep)
+    assert got.shape == (4, 40)
+    torch.testing.assert_close(got, routed(x, ids, weights, keep), rtol=0, atol=0)
