@@ -358,3 +358,29 @@ def test_a_data_dependent_token_count_traces(int4_weights):
         got = torch.compile(routed, fullgraph=True, backend="eager")(x, ids, weights, keep)
     assert got.shape == (4, 40)
     torch.testing.assert_close(got, routed(x, ids, weights, keep), rtol=0, atol=0)
+
+
+def test_two_int4_moe_layers_compiled_on_the_kernels_match_the_reference_kernels(monkeypatch):
+    # The quantize pass turns both layers' experts into attnopt::moe_w4a16: the Triton kernels
+    # (prompt: align path; one token: by pair) against the same graph on the reference ops.
+    pytest.importorskip("transformers")
+    from tests.moe_models import VOCAB, build
+
+    model = build("qwen3_moe", layers=2).to(DEVICE)
+    calls = []
+    real = kernel.fused_moe_w4a16
+    monkeypatch.setattr(kernel, "fused_moe_w4a16", lambda *a, **kw: calls.append(a[0].shape[0])
+                        or real(*a, **kw))
+    options = {"quantize": "w4a16", "group_size": 32}
+    on_kernels = torch.compile(model, backend="attnopt", options={**options, "kernels": "triton"})
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, VOCAB, (1, n), generator=gen).to(DEVICE) for n in (9, 1)]
+    with torch.no_grad():
+        got = [on_kernels(ids).logits for ids in prompts]
+        torch._dynamo.reset()
+        on_reference = torch.compile(model, backend="attnopt",
+                                     options={**options, "kernels": "reference"})
+        want = [on_reference(ids).logits for ids in prompts]
+    assert calls == [9, 9, 1, 1]
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
