@@ -10,6 +10,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from attnopt.backends import int4, moe_cpu, reference
 from attnopt.backends.reference import ExpertForm
@@ -129,6 +131,22 @@ def test_empty_input_of_every_kind():
     assert kernel.fused_moe(x[:0], ids[:0], weights[:0], *w).shape == (0, 24)
     assert torch.equal(kernel.fused_moe(x, ids[:, :0], weights[:, :0], *w),
                        torch.zeros_like(x))
+
+
+@settings(max_examples=10, deadline=None)
+@given(t=st.integers(1, 40), e=st.integers(1, 9), k=st.integers(1, 4), skew=st.floats(0, 1),
+       block_m=st.sampled_from([16, 32]), seed=st.integers(0, 2**16))
+def test_random_routings_across_block_boundaries(t, e, k, skew, block_m, seed):
+    # Runs of 0 to 160 pairs per expert over block heights 16 and 32, ids drawn with
+    # replacement (repeats within a token), a `skew` share of them forced onto expert 0.
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, e, (t, k), generator=gen)
+    ids[torch.rand(t, k, generator=gen) < skew] = 0
+    x, ids, weights = tokens(t, 24, ids, seed=seed)
+    w_gate_up, w_down, _, _ = experts(e, 24, 20, seed=seed)
+    got = kernel.fused_moe(x, ids, weights, w_gate_up, w_down, block_m=block_m)
+    torch.testing.assert_close(got.double(), expected(x, ids, weights, w_gate_up, w_down),
+                               rtol=1e-5, atol=1e-5)
 
 
 # --- token chunks and the shared workspace ----------------------------------------------------
