@@ -432,17 +432,16 @@ def _sum_kernel(out, part, ids, TN, N, SN, E, top_k, splits, BLOCK: tl.constexpr
     t = offs // N
     n = offs % N
     acc = tl.zeros([BLOCK], dtype=tl.float32)
-    bad = offs < 0  # all False
     for j in range(top_k):
         pair = t * top_k + j
         e = tl.load(ids + pair, mask=ok, other=0)
         use = ok & (e >= 0) & (e < E)
-        bad |= ok & ~use
+        # NaN stays NaN through the later sums: no mask kept live across the loop (a spill).
+        acc = tl.where(ok & ~use, float("nan"), acc)
         p = part + pair * N + n
         for _ in range(splits):
             acc += tl.load(p, mask=use, other=0.0)
             p += SN
-    acc = tl.where(bad, float("nan"), acc)
     tl.store(out + offs, acc.to(out.dtype.element_ty), mask=ok)
 
 
