@@ -442,8 +442,9 @@ def _routed_experts(x: Tensor, topk_ids: Tensor, topk_weights: Tensor, num_exper
     those pairs' rows of a [T·k, H] buffer, whose k rows per token are then summed. Scattering
     by pair rather than by token keeps the indices distinct (a pair has one expert): ORT's CPU
     ScatterND applies its updates in parallel and loses sums when indices repeat,
-    reduction="add" or not. A pair whose id is outside [0, E) matches no expert and adds 0 (the
-    reference raises, which a graph cannot; the Triton path drops such pairs too)."""
+    reduction="add" or not. A pair whose id is outside [0, E) matches no expert and keeps the
+    buffer's NaN fill, so its token's row is NaN (the reference raises, which a graph cannot;
+    the Triton path gives NaN too) rather than a plausible wrong row."""
     compute = _compute_type(x.dtype)
     rounded = x.dtype != compute  # 16-bit x: what eager holds in x's dtype is rounded to it
 
@@ -473,7 +474,7 @@ def _routed_experts(x: Tensor, topk_ids: Tensor, topk_weights: Tensor, num_exper
         pairs.append(p)
     per_pair_shape = op.Concat(op.Shape(ids), op.Shape(x, start=1), axis=0)
     per_pair = op.ScatterND(
-        op.ConstantOfShape(per_pair_shape, value=ir.tensor([0.0], dtype=compute)),
+        op.ConstantOfShape(per_pair_shape, value=ir.tensor([float("nan")], dtype=compute)),
         op.Unsqueeze(op.Concat(*pairs, axis=0), _ints(1)), op.Concat(*rows, axis=0))
     out = op.ReduceSum(op.Reshape(per_pair, op.Concat(op.Shape(topk_ids), op.Shape(x, start=1),
                                                       axis=0)), _ints(1), keepdims=0)

@@ -319,6 +319,24 @@ def check_moe(x: Tensor, topk_ids: Tensor, topk_weights: Tensor, w_gate_up: Tens
               b_down: Tensor | None = None) -> None:
     """The checks of `moe` that need no look at the data (shapes, dtypes, form): every path
     runs them, the fake implementation too."""
+    check_moe_routing(x, topk_ids, topk_weights, form)
+    h = x.shape[1]
+    if w_gate_up.dim() != 3 or w_gate_up.shape[2] != h or w_gate_up.shape[1] % 2:
+        raise ValueError(f"w_gate_up must be [E, 2I, H={h}], got {tuple(w_gate_up.shape)}")
+    e, i = w_gate_up.shape[0], w_gate_up.shape[1] // 2
+    if tuple(w_down.shape) != (e, h, i):
+        raise ValueError(f"w_down must be [E, H, I] = {[e, h, i]} to match w_gate_up "
+                         f"{tuple(w_gate_up.shape)}, got {tuple(w_down.shape)}")
+    if not (x.dtype == w_gate_up.dtype == w_down.dtype):
+        raise ValueError(f"x, w_gate_up and w_down must share one dtype, got {x.dtype}, "
+                         f"{w_gate_up.dtype} and {w_down.dtype}")
+    check_moe_experts(topk_ids, b_gate_up, b_down, e, i, h)
+
+
+def check_moe_routing(x: Tensor, topk_ids: Tensor, topk_weights: Tensor,
+                      form: str | ExpertForm) -> None:
+    """The form, x [T, H] and the routing ids and weights [T, k]: checks that read shapes and
+    dtypes only (no guard on a data-dependent T), whatever the expert weights' format."""
     form = ExpertForm.of(form)
     if form.activation not in MOE_ACTIVATIONS:
         raise ValueError(f"activation={form.activation!r} is not one of {MOE_ACTIVATIONS}")
@@ -336,16 +354,15 @@ def check_moe(x: Tensor, topk_ids: Tensor, topk_weights: Tensor, w_gate_up: Tens
                          f"{tuple(topk_weights.shape)}")
     if topk_ids.shape[0] != x.shape[0]:
         raise ValueError(f"topk_ids has {topk_ids.shape[0]} rows but x has {x.shape[0]} tokens")
-    h = x.shape[1]
-    if w_gate_up.dim() != 3 or w_gate_up.shape[2] != h or w_gate_up.shape[1] % 2:
-        raise ValueError(f"w_gate_up must be [E, 2I, H={h}], got {tuple(w_gate_up.shape)}")
-    e, i = w_gate_up.shape[0], w_gate_up.shape[1] // 2
-    if tuple(w_down.shape) != (e, h, i):
-        raise ValueError(f"w_down must be [E, H, I] = {[e, h, i]} to match w_gate_up "
-                         f"{tuple(w_gate_up.shape)}, got {tuple(w_down.shape)}")
-    if not (x.dtype == w_gate_up.dtype == w_down.dtype):
-        raise ValueError(f"x, w_gate_up and w_down must share one dtype, got {x.dtype}, "
-                         f"{w_gate_up.dtype} and {w_down.dtype}")
+
+
+def check_moe_experts(topk_ids: Tensor, b_gate_up: Tensor | None, b_down: Tensor | None, e: int,
+                      i: int, h: int) -> None:
+    """E experts of intermediate size I over H: the biases' shapes (`check_moe_biases`), and no
+    routed pair when E = 0 (every id would be out of range, known without the data)."""
+    if e == 0 and topk_ids.numel():
+        raise ValueError(f"moe: w_gate_up has no experts (E = 0) but topk_ids routes "
+                         f"{tuple(topk_ids.shape)} (token, slot) pairs to them")
     check_moe_biases(b_gate_up, b_down, e, i, h)
 
 
@@ -360,7 +377,8 @@ def check_moe_biases(b_gate_up: Tensor | None, b_down: Tensor | None, e: int, i:
 
 def check_moe_ids(topk_ids: Tensor, num_experts: int) -> None:
     """Every expert id in [0, E). Reads the ids (a device sync on a GPU), so only the reference
-    and CPU paths run it; the Triton path drops out-of-range pairs instead (`triton/moe.py`)."""
+    and CPU paths run it; the Triton path (`triton/moe.py`) and the ONNX translation make the
+    rows of tokens with an out-of-range id NaN instead."""
     if topk_ids.numel() == 0:
         return
     lo, hi = (int(v) for v in topk_ids.aminmax())
@@ -394,7 +412,9 @@ def moe(
     input instead (`weight_on_input`: out[t] = Σ_j expert_e(topk_weights[t, j] x[t]), the
     scaled input rounded to x's dtype as in eager). x and both weights share one dtype; the
     result is a contiguous [T, H] in it. An expert may get no tokens or all of them, and the
-    same expert twice for one token counts twice. An id outside [0, E) is a ValueError.
+    same expert twice for one token counts twice. An id outside [0, E) is a ValueError here
+    and on the CPU path; the Triton and ONNX paths, which cannot raise without a device sync
+    (or at all, in a graph), make that token's output row NaN instead.
 
     Precision, for 16-bit x (fp32 x computes in fp32 throughout, fp64 in fp64):
     1. gate and up products accumulate in fp32, take their bias in fp32 and stay fp32 through
@@ -463,14 +483,12 @@ def check_moe_w4a16(x: Tensor, topk_ids: Tensor, topk_weights: Tensor, gate_up_q
                     down_scales: Tensor, down_zeros: Tensor, group_size: int,
                     activation: str | ExpertForm = "silu", b_gate_up: Tensor | None = None,
                     b_down: Tensor | None = None) -> None:
-    """The data-free checks of `moe_w4a16`: the packed shapes, then `check_moe`'s."""
+    """The data-free checks of `moe_w4a16`: `check_moe`'s on the packed shapes."""
     from attnopt.backends import int4
 
     if group_size not in int4.GROUP_SIZES:
         raise ValueError(f"group_size must be one of {int4.GROUP_SIZES}, got {group_size}")
-    if x.dim() != 2 or not x.is_floating_point():
-        raise ValueError(f"moe takes x as a floating [T, H] tensor, got {x.dtype} "
-                         f"{tuple(x.shape)}")
+    check_moe_routing(x, topk_ids, topk_weights, activation)
     for name, q in (("gate_up_qweight", gate_up_qweight), ("down_qweight", down_qweight)):
         if q.dtype != torch.uint8 or q.dim() != 3:
             raise ValueError(f"{name} must be [E, N, Kp/2] uint8, got {q.dtype} "
@@ -493,11 +511,7 @@ def check_moe_w4a16(x: Tensor, topk_ids: Tensor, topk_weights: Tensor, gate_up_q
             if tuple(t.shape) != (e, n, kp // group_size) or not t.is_floating_point():
                 raise ValueError(f"{name}_{what} must be a floating [E, N, Kp/g] = "
                                  f"{[e, n, kp // group_size]}, got {t.dtype} {tuple(t.shape)}")
-    # The rest (ids, weights, form, biases) on float stand-ins of the weights' shapes: views
-    # of one element of x (nothing is allocated per call), of a new one if x is empty.
-    one = x.as_strided((), ()) if x.numel() else x.new_empty(())
-    check_moe(x, topk_ids, topk_weights, one.expand(e, two_i, h), one.expand(e, h, i),
-              activation, b_gate_up, b_down)
+    check_moe_experts(topk_ids, b_gate_up, b_down, e, i, h)
 
 
 def moe_w4a16(x: Tensor, topk_ids: Tensor, topk_weights: Tensor, gate_up_qweight: Tensor,

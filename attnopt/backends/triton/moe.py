@@ -56,9 +56,10 @@ multiply on TF32 tensor cores when PyTorch's matmul precision allows it
 
 Token chunks of at most MAX_PAIRS pairs go through 1-4 in turn, which bounds the workspace at
 large T (one workspace, sized for the largest chunk, serves them all). All address arithmetic
-on pair, token and expert indices is in int64. Out-of-range expert ids are not checked (that
-would need a device sync): the align step skips such pairs and the sum treats them as 0, so
-nothing is read or written out of bounds; `reference.moe` and the CPU path raise instead.
+on pair, token and expert indices is in int64. Out-of-range expert ids cannot raise here (that
+would need a device sync; `reference.moe` and the CPU path raise): the align step and the
+GEMMs skip such pairs, so nothing is read or written out of bounds, and the sum makes their
+tokens' rows NaN, so that the bad input shows rather than a plausible wrong row.
 
 BLOCK_M is chosen on the host from the average number of rows per expert (`choose_block_m`),
 before the align step that depends on it; the other tile sizes are autotuned on CUDA
@@ -304,7 +305,7 @@ def _rows(pid_m, sorted_ids, expert_of_block, num_post_padded, S, E, BLOCK_M: tl
     padding), and its expert. Aligned: the block's rows of sorted_ids, live below
     num_post_padded. BY_PAIR (one token, no align step): block b is pair b alone in row 0,
     expert_of_block is the flat expert ids, and a pair whose id is outside [0, E) has no work
-    (the sum counts it 0); sorted_ids and num_post_padded are not read."""
+    (the sum makes its token NaN); sorted_ids and num_post_padded are not read."""
     if BY_PAIR:
         e = tl.load(expert_of_block + pid_m).to(tl.int64)
         live = (e >= 0) & (e < E)
@@ -422,8 +423,10 @@ def _down_kernel(
 
 @triton.jit
 def _sum_kernel(out, part, ids, TN, N, SN, E, top_k, splits, BLOCK: tl.constexpr):
-    """out.flat[i] = Σ_j Σ_chunk part[chunk, t, j, n] (i = t · N + n) in fp32, in that order;
-    pairs with an expert id outside [0, E) were never computed and count 0."""
+    """out.flat[i] = Σ_j Σ_chunk part[chunk, t, j, n] (i = t · N + n) in fp32, in that order.
+    A pair with an expert id outside [0, E) was never computed: its token's row is NaN, the
+    error `reference.moe` raises, made visible without a device sync (a dropped pair would
+    leave a plausible wrong row)."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < TN
     t = offs // N
@@ -431,8 +434,10 @@ def _sum_kernel(out, part, ids, TN, N, SN, E, top_k, splits, BLOCK: tl.constexpr
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for j in range(top_k):
         pair = t * top_k + j
-        e = tl.load(ids + pair, mask=ok, other=-1)
+        e = tl.load(ids + pair, mask=ok, other=0)
         use = ok & (e >= 0) & (e < E)
+        # NaN stays NaN through the later sums: no mask kept live across the loop (a spill).
+        acc = tl.where(ok & ~use, float("nan"), acc)
         p = part + pair * N + n
         for _ in range(splits):
             acc += tl.load(p, mask=use, other=0.0)
