@@ -128,3 +128,69 @@ def test_compiled_output_layout_is_eagers(module, make, shape, kernels):
         # Strides of size-1 dims address nothing; every other stride is eager's.
         assert [s for s, n in zip(got.stride(), got.shape, strict=True) if n > 1] == \
             [s for s, n in zip(want.stride(), want.shape, strict=True) if n > 1]
+
+
+# --- the op itself in each layout: fake vs real, autograd, every implementation --------------
+
+@pytest.mark.parametrize("impl", ["auto", "reference", "triton"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("layout", ["bhld", "blhd"])
+def test_opcheck_in_each_layout(layout, shape, impl):
+    """torch.library's checks (fake tensor, schema, autograd registration, AOT dispatch) with
+    the output in each layout, and the gradients equal eager's."""
+    b, h, lq, d, lk = shape
+    q, k, v = (torch.randn(b, h, n, d, requires_grad=True) for n in (lq, lk, lk))
+    torch.library.opcheck(torch.ops.attnopt.attention.default, (q, k, v, None, False, 0.3),
+                          {"impl": impl, "layout": layout})
+    out = torch.ops.attnopt.attention(q, k, v, None, False, 0.3, impl, layout=layout)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    want = torch.autograd.grad(F.scaled_dot_product_attention(q, k, v, scale=0.3), (q, k, v),
+                               grad)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_layout_is_refused_with_the_choices():
+    q = torch.randn(1, 2, 3, 8)
+    with pytest.raises(ValueError, match="layout must be one of"):
+        torch.ops.attnopt.attention(q, q, q, None, False, 0.3, layout="lbhd")
+
+
+# --- the offline path: torch.export, new sizes, ONNX ------------------------------------------
+
+class HeadsLastBlock(torch.nn.Module):
+    """q, k, v projected as [B, L, H, D] and transposed (SDPA's output is then [B, L, H, D]
+    memory), the output both merged into the model width and returned as it is."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.out = torch.nn.Linear(24, 72), torch.nn.Linear(24, 24)
+
+    def forward(self, x):
+        b, seq, _ = x.shape
+        q, k, v = (t.transpose(1, 2) for t in self.qkv(x).view(b, seq, 3, 3, 8).unbind(2))
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.out(o.transpose(1, 2).reshape(b, seq, 24)), o
+
+
+def test_offline_rewrite_and_onnx_in_the_heads_last_layout(tmp_path):
+    from attnopt import rewrite_model
+    from attnopt.compiler.export import save_onnx
+    from attnopt.compiler.verify import run_onnx
+
+    torch.manual_seed(0)
+    model = HeadsLastBlock().eval()
+    rewritten = rewrite_model(model, (torch.randn(2, 6, 24),))
+    calls = [n for n in rewritten.module.graph.nodes
+             if n.target is torch.ops.attnopt.attention.default]
+    assert len(calls) == 1 and calls[0].kwargs.get("layout") == "blhd"
+    path = save_onnx(rewritten, tmp_path / "block.onnx")
+    for shape in [(2, 6), (3, 9), (1, 1)]:  # other batch sizes and lengths than exported
+        x = torch.randn(*shape, 24)
+        with torch.no_grad():
+            want, got = model(x), rewritten.module(x)
+        for w, g, o in zip(want, got, run_onnx(path, (x,), {})[0], strict=True):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+            assert g.stride() == w.stride()
+            torch.testing.assert_close(torch.from_numpy(o), w, rtol=1e-5, atol=1e-5)
