@@ -45,7 +45,8 @@ def decode_call(b, hq, hkv, lq, lk, d, dtype, left, sinks, splits):
     torch.testing.assert_close(got.double(), want, rtol=TOL[dtype], atol=TOL[dtype])
 
 
-def paged_call(lens, hq, hkv, lq, d, dtype, left, sinks, block_size=8):
+def paged_call(lens, hq, hkv, lq, d, dtype, left, sinks, block_size=8, mask_kind="none",
+               is_causal=True):
     nb = [-(-n // block_size) for n in lens]
     num_blocks, width = sum(nb) + 2, max(nb) + 2
     q = torch.randn(len(lens), hq, lq, d).to(dtype)
@@ -56,11 +57,20 @@ def paged_call(lens, hq, hkv, lq, d, dtype, left, sinks, block_size=8):
         table[b, :n], ids = ids[:n], ids[n:]
     seq_lens = torch.tensor(lens, dtype=torch.int32)
     mods = mods_of(hq, left, sinks)
+    mask = wide_mask = None
+    if mask_kind != "none":  # over the table's capacity; row 0 of every sequence keeps nothing
+        keep = torch.rand(len(lens), 1, lq, width * block_size) > 0.3
+        keep[:, :, 0] = False
+        mask = wide_mask = keep
+        if mask_kind == "additive":
+            mask = torch.zeros(keep.shape, dtype=dtype).masked_fill(~keep,
+                                                                    torch.finfo(dtype).min)
+            wide_mask = mask.double()
     poison()
-    got = paged_kernel.paged_attention(q, k, v, table, seq_lens, 0.3, True, mods=mods,
-                                       split_len=16, block_n=16)
+    got = paged_kernel.paged_attention(q, k, v, table, seq_lens, 0.3, is_causal, mask=mask,
+                                       mods=mods, split_len=16, block_n=16)
     want = reference.paged_attention(q.double(), k.double(), v.double(), table, seq_lens, 0.3,
-                                     True, mods=wide(mods))
+                                     is_causal, mask=wide_mask, mods=wide(mods))
     torch.testing.assert_close(got.double(), want, rtol=TOL[dtype], atol=TOL[dtype])
 
 
@@ -82,7 +92,8 @@ call = st.one_of(
     st.tuples(st.just("paged"), st.lists(st.integers(0, 60), min_size=1, max_size=3),
               st.sampled_from([(1, 1), (2, 1), (4, 2)]), st.integers(1, 4),
               st.sampled_from([16, 40]), st.sampled_from(list(TOL)), st.integers(-1, 40),
-              st.booleans()))
+              st.booleans(), st.sampled_from([4, 8, 16]),
+              st.sampled_from(["none", "bool", "additive"]), st.booleans()))
 
 
 @settings(max_examples=25, deadline=None)
@@ -93,8 +104,8 @@ def test_random_call_sequences_read_only_their_own_partials(calls):
             _, b, (hq, hkv), lq, lk, d, dtype, left, sinks, splits = c
             decode_call(b, hq, hkv, lq, lk, d, dtype, left, sinks, splits)
         else:
-            _, lens, (hq, hkv), lq, d, dtype, left, sinks = c
-            paged_call(lens, hq, hkv, lq, d, dtype, left, sinks)
+            _, lens, (hq, hkv), lq, d, dtype, left, sinks, block_size, mask, causal = c
+            paged_call(lens, hq, hkv, lq, d, dtype, left, sinks, block_size, mask, causal)
 
 
 @pytest.mark.parametrize("first", [1, 3])
