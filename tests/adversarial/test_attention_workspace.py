@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from attnopt.backends import reference
 from attnopt.backends.triton import attention as kernel
+from attnopt.backends.triton import latent_attention as latent_kernel
 from attnopt.backends.triton import paged_attention as paged_kernel
 from attnopt.backends.triton import workspace
 
@@ -74,7 +75,18 @@ def paged_call(lens, hq, hkv, lq, d, dtype, left, sinks, block_size=8, mask_kind
     torch.testing.assert_close(got.double(), want, rtol=TOL[dtype], atol=TOL[dtype])
 
 
-def test_grow_shrink_grow_on_both_paths():
+def latent_call(b, h, lq, lk, rank, rope, dtype, is_causal):
+    q_lat, q_rot = torch.randn(b, h, lq, rank).to(dtype), torch.randn(b, h, lq, rope).to(dtype)
+    c_kv, k_rot = torch.randn(b, 1, lk, rank).to(dtype), torch.randn(b, 1, lk, rope).to(dtype)
+    poison()
+    got = latent_kernel.latent_attention(q_lat, q_rot, c_kv, k_rot, None, is_causal, 0.3,
+                                         split_len=16, block_n=16)
+    want = reference.latent_attention(q_lat.double(), q_rot.double(), c_kv.double(),
+                                      k_rot.double(), None, is_causal, 0.3)
+    torch.testing.assert_close(got.double(), want, rtol=TOL[dtype], atol=TOL[dtype])
+
+
+def test_grow_shrink_grow_on_every_path():
     workspace.release()
     decode_call(2, 4, 2, 1, 70, 64, torch.float32, -1, False, 3)
     decode_call(1, 2, 1, 3, 9, 16, torch.float16, -1, True, 2)    # smaller: stale tail
@@ -82,6 +94,10 @@ def test_grow_shrink_grow_on_both_paths():
     decode_call(3, 6, 3, 4, 130, 40, torch.bfloat16, 20, True, 3)  # larger: grows
     paged_call([5], 2, 1, 1, 16, torch.float16, 3, True)
     paged_call([100, 77], 4, 1, 3, 64, torch.float32, 30, False)
+    latent_call(2, 4, 1, 50, 32, 16, torch.float32, True)
+    decode_call(1, 1, 1, 1, 3, 16, torch.float32, -1, False, 1)   # smallest
+    latent_call(3, 2, 2, 90, 64, 16, torch.float16, True)          # larger again
+    paged_call([17], 2, 2, 1, 16, torch.bfloat16, -1, True)
 
 
 call = st.one_of(
