@@ -86,3 +86,40 @@ def test_cpu_and_reference_paths_equal_float64(case, impl):
              window_left=mods.window_left, window_right=mods.window_right, sinks=mods.sinks,
              layout=layout)
     check(got, expected(q, k, v, mask, is_causal, mods), layout)
+
+
+# --- prefill tuning: a key tuned once serves only calls the pruner treats alike -----------------
+
+def _prefill_launch(monkeypatch, q, k, v, mods) -> dict:
+    """The named arguments `attention` launches the tuned prefill kernel with (not run)."""
+    seen = {}
+
+    class Launcher:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                seen.update(zip(kernel._attn_fwd.arg_names, args, strict=False), **kwargs)
+            return launch
+
+    monkeypatch.setattr(kernel, "_attn_fwd_tuned", Launcher())
+    kernel.attention(q, k, v, None, False, 0.3, mods)
+    return seen
+
+
+def _tuning_key(named: dict) -> tuple:
+    """The key Triton's Autotuner.run builds: the key arguments, then every tensor's dtype."""
+    return (*(named[k] for k in kernel.PREFILL_KEY),
+            *(str(a.dtype) for a in named.values() if hasattr(a, "dtype")))
+
+
+def test_prefill_key_separates_calls_the_pruner_separates(monkeypatch):
+    """fp32 attention at head dim 32 with one additive bias: an fp16 bias leaves the pruner the
+    128x128 tile on sm_90, an fp32 bias (twice the shared memory per tile) does not. Before the
+    biases' bytes were in the key, both calls had one key, so the config tuned for the first was
+    launched for the second, past the shared memory the pruner allows it."""
+    q, k, v = (torch.randn(1, 2, 256, 32) for _ in range(3))
+    calls = [_prefill_launch(monkeypatch, q, k, v, reference.ScoreMods(
+        biases=(torch.randn(1, 2, 256, 256).to(dtype),))) for dtype in (torch.float16,
+                                                                      torch.float32)]
+    pruned = [kernel.prune_prefill(kernel.PREFILL_CONFIGS["sm90"], named) for named in calls]
+    assert pruned[0] != pruned[1]
+    assert _tuning_key(calls[0]) != _tuning_key(calls[1])
