@@ -68,6 +68,22 @@ def check(got, want, layout):
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=2e-5)
 
 
+# Tolerances by the arithmetic: fp16/bf16 round q, k, v and P before the products.
+TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+
+
+@settings(max_examples=40, deadline=None)
+@given(cases(), st.sampled_from([torch.float16, torch.bfloat16]))
+def test_triton_tiles_in_16_bits(case, dtype):
+    q, k, v, mask, is_causal, mods, layout = case
+    q, k, v = (t.to(dtype) for t in (q, k, v))
+    got = kernel.attention(q, k, v, mask, is_causal, q.shape[-1] ** -0.5, mods, layout=layout,
+                           block_m=16, block_n=16, decode_split=2)
+    assert got.dtype == dtype and not got.isnan().any()
+    torch.testing.assert_close(got.double(), expected(q, k, v, mask, is_causal, mods),
+                               rtol=TOL[dtype], atol=TOL[dtype])
+
+
 @settings(max_examples=60, deadline=None)
 @given(cases(), st.sampled_from([16, 32]), st.sampled_from([16, 32]), st.integers(1, 3))
 def test_triton_tiles_equal_float64(case, block_m, block_n, splits):
