@@ -21,35 +21,36 @@ def einsum(q, k, v, mask):
 
 
 def bmm(q, k, v, mask):
-    s = torch.bmm(flat(q), flat(k).transpose(1, 2)) * 0.3 + flat(mask.expand(B, H, -1, -1))
+    s = torch.bmm(flat(q), flat(k).transpose(1, 2)) * 0.3 + flat(mask.expand(*q.shape[:2], -1, -1))
     return torch.bmm(s.softmax(-1), flat(v))
 
 
 def baddbmm(q, k, v, mask):
-    s = torch.baddbmm(flat(mask.expand(B, H, -1, -1)), flat(q), flat(k).transpose(1, 2),
+    s = torch.baddbmm(flat(mask.expand(*q.shape[:2], -1, -1)), flat(q), flat(k).transpose(1, 2),
                       alpha=0.3)
     return torch.bmm(torch.softmax(s, -1, dtype=torch.float32).to(q.dtype), flat(v))
 
 
 def bool_masked(q, k, v, keep):
     s = torch.bmm(flat(q), flat(k).transpose(1, 2)) * 0.3
-    s = s.masked_fill(~flat(keep.expand(B, H, -1, -1)), float("-inf"))
+    s = s.masked_fill(~flat(keep.expand(*q.shape[:2], -1, -1)), float("-inf"))
     return torch.bmm(s.softmax(-1), flat(v))
 
 
 SPELLINGS = [einsum, bmm, baddbmm, bool_masked]
 
 
+@pytest.mark.parametrize("b, h", [(B, H), (1, H), (1, 1)])  # size-1 batch dims too
 @pytest.mark.parametrize("lq, lk", [(1, 7), (5, 1), (1, 1)])
 @pytest.mark.parametrize("spelling", SPELLINGS, ids=lambda f: f.__name__)
 @pytest.mark.parametrize("kernels", ["auto", "triton"])
-def test_one_query_or_one_key_is_rewritten_and_exact(spelling, lq, lk, kernels):
-    q, k, v = torch.randn(B, H, lq, D), torch.randn(B, H, lk, D), torch.randn(B, H, lk, D)
+def test_one_query_or_one_key_is_rewritten_and_exact(spelling, lq, lk, kernels, b, h):
+    q, k, v = torch.randn(b, h, lq, D), torch.randn(b, h, lk, D), torch.randn(b, h, lk, D)
     if spelling is bool_masked:
-        mask = torch.rand(B, 1, lq, lk) > 0.3
+        mask = torch.rand(b, 1, lq, lk) > 0.3
         mask[..., -1] = True  # every row keeps a key: eager's plain softmax is NaN otherwise
     else:
-        mask = torch.randn(B, 1, lq, lk)
+        mask = torch.randn(b, 1, lq, lk)
     r = run(_Wrap(spelling), q, k, v, mask, kernels=kernels)
     if spelling is einsum and lk == 1:
         # einsum lowers a contraction over one key to a broadcast multiply, not a bmm: no
