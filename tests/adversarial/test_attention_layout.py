@@ -29,6 +29,13 @@ def heads_last(*shape: int) -> torch.Tensor:
     return torch.randn(b, seq, h, d).transpose(1, 2)
 
 
+def seq_first(*shape: int) -> torch.Tensor:
+    """[B, H, L, D] laid out as [L, B, H, D] (nn.MultiheadAttention's order): a layout the op
+    does not write, so the rewrite copies into it."""
+    b, h, seq, d = shape
+    return torch.randn(seq, b, h, d).permute(1, 2, 0, 3)
+
+
 # --- the backstop ------------------------------------------------------------------------------
 
 def _sdpa_as_wrong_dtype(m, graph, ctx):
@@ -115,7 +122,8 @@ SHAPES = [(B, H, L, D, L), (B, H, 1, D, 7), (1, 1, L, D, L), (B, 1, L, D, 6), (1
 
 @pytest.mark.parametrize("kernels", ["auto", "reference", "triton"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("make", [torch.randn, heads_last], ids=["bhld_in", "blhd_in"])
+@pytest.mark.parametrize("make", [torch.randn, heads_last, seq_first],
+                         ids=["bhld_in", "blhd_in", "lbhd_in"])
 @pytest.mark.parametrize("module", MODULES, ids=lambda m: m.__name__)
 def test_compiled_output_layout_is_eagers(module, make, shape, kernels):
     b, h, lq, d, lk = shape
