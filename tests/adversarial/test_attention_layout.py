@@ -202,3 +202,17 @@ def test_offline_rewrite_and_onnx_in_the_heads_last_layout(tmp_path):
             torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
             assert g.stride() == w.stride()
             torch.testing.assert_close(torch.from_numpy(o), w, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kernels", ["auto", "triton"])
+@pytest.mark.parametrize("shape", SHAPES[1:], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("module", [Returned, MergedAndViewed, RawMemory],
+                         ids=lambda m: m.__name__)
+def test_inductor_around_the_op_keeps_eagers_layout(module, shape, kernels):
+    """Inductor checks the op's real strides against its fake's: size-1 dims (one head, one
+    query) are where the two could disagree."""
+    b, h, lq, d, lk = shape
+    r = run(module(), heads_last(b, h, lq, d), heads_last(b, h, lk, d), heads_last(b, h, lk, d),
+            kernels=kernels, inner="inductor")
+    assert r.count("attention") == 1, r.rejected
+    r.assert_equal()
