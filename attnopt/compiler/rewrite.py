@@ -66,8 +66,11 @@ class PatternPass:
                     continue
                 replaced, previous = describe(match.nodes), node.prev  # for the report's picture
                 with graph.inserting_before(node):
-                    new = _same_layout(graph, rule.rewrite(match, graph, ctx), node)
-                if reason := _changes_value_type(node, new):  # a bug in a rule: never silent
+                    new = rule.rewrite(match, graph, ctx)
+                    # Checked before `_same_layout`, which may give `new` the node's own value.
+                    if not (reason := _changes_value_type(node, new)):
+                        new = _same_layout(graph, new, node)
+                if reason:  # a bug in a rule: never silent
                     _erase_between(graph, previous, node)
                     refusal = refusal or Refusal(f"{rule.name}: {reason}", match.nodes)
                     continue

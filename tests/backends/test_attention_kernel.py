@@ -248,6 +248,7 @@ def pruned(monkeypatch, arch, d, dtype=torch.bfloat16, mask=None, biases=0, lq=2
     q = torch.empty(1, dtype=dtype, device="meta")
     args = dict(q=q, mask=q if mask is None else torch.empty(1, dtype=mask, device="meta"),
                 HAS_MASK=mask is not None, biases=(q,) * max(1, biases), NUM_BIASES=biases,
+                bias_bytes=biases * q.element_size(),
                 BLOCK_D=d, BLOCK_DV=d, lq_bucket=kernel.tuning.bucket(lq))
     kept = kernel.prune_prefill(kernel.PREFILL_CONFIGS[arch], args)
     return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps) for c in kept]

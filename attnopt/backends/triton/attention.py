@@ -35,8 +35,9 @@ weight e^(sink - m) and no output.
 Prefill configs are autotuned per architecture (`tuning.autotune`) from lists the compile audit
 (`attnopt.backends.triton.audit`) finds free of spills and within shared memory for every head
 dim, dtype and variant the pruner lets them serve (`prune_prefill`), keyed by the buckets of Lq
-and Lk, the head dims and every variant flag (`PREFILL_KEY`): a second prompt length in the
-same bucket never tunes again, and a config tuned for one variant is never reused for another.
+and Lk, the head dims, every variant flag and the biases' bytes per element (`PREFILL_KEY`, with
+the dtypes of q and the mask): a second prompt length in the same bucket never tunes again, and
+a config tuned for one call is never reused for a call the pruner would give other configs.
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ VARIANT_FLAGS = ("SOFTCAP", "NUM_BIASES", "HAS_ALIBI", "HAS_SINKS", "HAS_MASK", 
 def _attn_fwd(
     out, sob, soh, som, sod, q, sqb, sqh, sqm, sqd, k, skb, skh, skn, skd, v, svb, svh, svn, svd,
     mask, smb, smh, smm, smn, biases, bias_strides, slopes, sinks,
-    Hq, Hkv, Lq, Lk, D, Dv, qk_scale, softcap, left, right, lq_bucket, lk_bucket,
+    Hq, Hkv, Lq, Lk, D, Dv, qk_scale, softcap, left, right, lq_bucket, lk_bucket, bias_bytes,
     SOFTCAP: tl.constexpr, NUM_BIASES: tl.constexpr, HAS_ALIBI: tl.constexpr,
     HAS_SINKS: tl.constexpr, HAS_MASK: tl.constexpr, BOOL_MASK: tl.constexpr,
     BOUND_LEFT: tl.constexpr, BOUND_RIGHT: tl.constexpr,
@@ -86,7 +87,7 @@ def _attn_fwd(
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """Prefill: out[b, h, rows] for one block of BLOCK_M query rows of one (batch, head).
-    lq_bucket and lk_bucket are the autotuner's key, unused here."""
+    lq_bucket, lk_bucket and bias_bytes are the autotuner's key, unused here."""
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1).to(tl.int64)  # int64: offsets of large tensors overflow int32
     b = bh // Hq
@@ -194,19 +195,22 @@ def prune_prefill(configs: list[triton.Config], named_args: dict) -> list[triton
         arch, smem = info.arch, info.smem_per_block
     block_d, block_dv = named_args["BLOCK_D"], named_args["BLOCK_DV"]
     q_bytes = q.element_size()
-    mask = named_args["mask"] if named_args["HAS_MASK"] else None
-    tiles = ([mask.element_size()] if mask is not None else []) + \
-        [t.element_size() for t in named_args["biases"][:named_args["NUM_BIASES"]]]
+    # Only what the tuning key holds (PREFILL_KEY, and the dtypes of the tensor arguments:
+    # q's, the mask's), so that a key tuned once never serves a call this would prune
+    # otherwise. The biases are a tuple, whose dtypes the autotuner does not see: their bytes
+    # per element are the key argument bias_bytes.
+    mask_bytes = named_args["mask"].element_size() if named_args["HAS_MASK"] else 0
+    tiles = int(named_args["HAS_MASK"]) + named_args["NUM_BIASES"]
     fits = [c for c in configs
-            if _prefill_registers(c, block_d, block_dv, q_bytes, len(tiles))
-            <= REGISTER_BUDGET[arch]
-            and _prefill_shared(c, arch, block_d, block_dv, q_bytes, sum(tiles)) <= smem]
+            if _prefill_registers(c, block_d, block_dv, q_bytes, tiles) <= REGISTER_BUDGET[arch]
+            and _prefill_shared(c, arch, block_d, block_dv, q_bytes,
+                                mask_bytes + named_args["bias_bytes"]) <= smem]
     fits = fits or configs[-1:]
     shortest = min(c.kwargs["BLOCK_M"] for c in fits)
     return [c for c in fits if c.kwargs["BLOCK_M"] <= max(shortest, named_args["lq_bucket"])]
 
 
-PREFILL_KEY = ["lq_bucket", "lk_bucket", "D", "Dv", *VARIANT_FLAGS]
+PREFILL_KEY = ["lq_bucket", "lk_bucket", "bias_bytes", "D", "Dv", *VARIANT_FLAGS]
 _attn_fwd_tuned = tuning.autotune(
     PREFILL_CONFIGS, key=PREFILL_KEY, prune=prune_prefill,
     # One small config under the interpreter: tuning there would take minutes.
@@ -405,7 +409,8 @@ def attention(
 
     if lq > DECODE_MAX_Q:
         shape_args = (biases, bias_strides, slopes, sinks, hq, hkv, lq, lk, d, dv, *numbers,
-                      tuning.bucket(lq), tuning.bucket(lk))
+                      tuning.bucket(lq), tuning.bucket(lk),
+                      sum(t.element_size() for t in mods.biases))
         if block_m is None and block_n is None:
             grid = lambda meta: (triton.cdiv(lq, meta["BLOCK_M"]), b * hq)
             _attn_fwd_tuned[grid](out, *out.stride(), *args, *shape_args, **flags)
