@@ -21,3 +21,9 @@ def _fresh_state():
     torch._dynamo.reset()
     attnopt.clear_reports()
     yield
+
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # pytest-xdist runs one worker per core: each keeps to one thread, or two workers on two
+    # cores would each start a thread per core and fight over them.
+    torch.set_num_threads(1)

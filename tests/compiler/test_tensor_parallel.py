@@ -19,6 +19,7 @@ from attnopt.compiler.pipeline import collectives_note, run_pipeline
 
 pytestmark = pytest.mark.slow
 WORKER = Path(__file__).with_name("tp_worker.py")
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -27,9 +28,12 @@ def ranks(tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp("tp")
     # Loopback only: the rendezvous (--standalone) and gloo's own sockets.
     env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "MASTER_ADDR": "127.0.0.1"}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                    "--nproc_per_node", "2", str(WORKER), str(out)],
-                   check=True, timeout=600, capture_output=True, env=env)
+    # The workers import attnopt from this checkout, installed or not.
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc_per_node", "2", str(WORKER), str(out)],
+                          timeout=600, capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 
 
