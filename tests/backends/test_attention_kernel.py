@@ -280,3 +280,23 @@ def test_pruner_keeps_large_tiles_where_they_fit_and_drops_them_where_not(monkey
 
 def test_pruner_fits_the_row_tile_to_a_short_prompt(monkeypatch):
     assert {m for m, _, _ in pruned(monkeypatch, "sm90", 128, lq=40)} == {64}
+
+
+@pytest.mark.parametrize(("interpreting", "precision", "dtype", "mode"), [
+    (True, "tf32", torch.bfloat16, "upcast"),  # numpy has no bf16: the interpreter upcasts
+    (True, "tf32", torch.float32, "ieee"),
+    (False, "tf32", torch.float32, "tf32"),  # fp32 on TF32 tensor cores only when allowed
+    (False, "ieee", torch.float32, "ieee"),
+    (False, "tf32", torch.bfloat16, "ieee"),  # 16-bit products are tensor-core ones anyway
+])
+def test_dot_mode_follows_pytorchs_matmul_precision(monkeypatch, interpreting, precision, dtype,
+                                                    mode):
+    from attnopt.backends.triton import attention_tiles
+
+    monkeypatch.setattr(attention_tiles, "interpreting", lambda: interpreting)
+    before = torch.backends.cuda.matmul.fp32_precision  # a property: set and restored by hand
+    torch.backends.cuda.matmul.fp32_precision = precision
+    try:
+        assert attention_tiles.dot_mode(dtype) == mode
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = before

@@ -59,6 +59,7 @@ from attnopt.backends.triton.attention_tiles import (
     _initial_state,
     _store_partial,
     _with_sink,
+    dot_mode,
 )
 from attnopt.backends.triton.workspace import carve, workspace
 
@@ -83,7 +84,7 @@ def _attn_fwd(
     SOFTCAP: tl.constexpr, NUM_BIASES: tl.constexpr, HAS_ALIBI: tl.constexpr,
     HAS_SINKS: tl.constexpr, HAS_MASK: tl.constexpr, BOOL_MASK: tl.constexpr,
     BOUND_LEFT: tl.constexpr, BOUND_RIGHT: tl.constexpr,
-    NATURAL: tl.constexpr, DOT_IN_FP32: tl.constexpr, BLOCK_M: tl.constexpr,
+    NATURAL: tl.constexpr, DOT: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """Prefill: out[b, h, rows] for one block of BLOCK_M query rows of one (batch, head).
@@ -124,7 +125,7 @@ def _attn_fwd(
         biases, bias_strides, slopes, lo, hi, offset, start_m + offset, last + offset, D, Dv,
         qk_scale, softcap, left, right,
         SOFTCAP, NUM_BIASES, HAS_ALIBI, HAS_MASK, BOOL_MASK, BOUND_LEFT, BOUND_RIGHT, NATURAL,
-        False, False, 1, DOT_IN_FP32, BLOCK_N, BLOCK_D, BLOCK_DV,
+        False, False, 1, DOT, BLOCK_N, BLOCK_D, BLOCK_DV,
     )
     # Rows that saw no unmasked key (and no sink) have l = 0 and acc = 0: they give 0.
     y = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
@@ -225,7 +226,7 @@ def _decode_split_kernel(
     B, Hq, Hkv, Lq, Lk, D, Dv, qk_scale, softcap, left, right, band_lo, band_hi, split_len,
     SOFTCAP: tl.constexpr, NUM_BIASES: tl.constexpr, HAS_ALIBI: tl.constexpr,
     HAS_MASK: tl.constexpr, BOOL_MASK: tl.constexpr, BOUND_LEFT: tl.constexpr,
-    BOUND_RIGHT: tl.constexpr, NATURAL: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+    BOUND_RIGHT: tl.constexpr, NATURAL: tl.constexpr, DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr,
 ):
@@ -261,7 +262,7 @@ def _decode_split_kernel(
         biases, bias_strides, slopes, lo, hi, offset, offset, Lq - 1 + offset, D, Dv,
         qk_scale, softcap, left, right,
         SOFTCAP, NUM_BIASES, HAS_ALIBI, HAS_MASK, BOOL_MASK, BOUND_LEFT, BOUND_RIGHT, NATURAL,
-        False, False, 1, DOT_IN_FP32, BLOCK_N, BLOCK_D, BLOCK_DV,
+        False, False, 1, DOT, BLOCK_N, BLOCK_D, BLOCK_DV,
     )
     # Partials are [splits, B, Hq, Lq, (Dv)]. A chunk with no unmasked key for a row stores
     # o_s = 0 and l_s = 0, so the merge gives it weight 0.
@@ -348,7 +349,7 @@ def variants(mods: reference.ScoreMods, mask: Tensor | None, is_causal: bool, q:
         BOUND_LEFT=left >= 0, BOUND_RIGHT=right >= 0,
         # Scores in natural units whenever something is added to them or capped: see the top.
         NATURAL=bool(additive or mods.softcap or biases or mods.alibi_slopes is not None),
-        DOT_IN_FP32=interpreting() and q.dtype == torch.bfloat16,
+        DOT=dot_mode(q.dtype),
     )
     return Variants(args, flags, left, right)
 

@@ -40,8 +40,11 @@ its per (token, head) fp32 scales, rounded to q's dtype before the products.
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
+
+from attnopt.backends.triton import interpreting, tuning
 
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)  # log2(e)
 
@@ -60,20 +63,30 @@ def _exp(x, NATURAL: tl.constexpr):
 
 
 @triton.jit
-def _dot(a, b, DOT_IN_FP32: tl.constexpr):
-    # "ieee" keeps fp32 inputs in full fp32 rather than TF32; fp16/bf16 inputs are unaffected.
-    # DOT_IN_FP32 is for bf16 under the interpreter: numpy has no bfloat16, and the interpreter's
-    # tl.dot would multiply the raw uint16 bit patterns. bf16 products are exact in fp32, so
-    # upcasting first gives what the tensor cores give.
-    if DOT_IN_FP32:
+def _dot(a, b, DOT: tl.constexpr):
+    # DOT (`dot_mode`): "ieee" keeps fp32 products in full fp32 (FMA units; 16-bit inputs are
+    # unaffected), "tf32" puts them on TF32 tensor cores, as PyTorch's fp32 matmuls are when
+    # its matmul precision allows it; "upcast" is for bf16 under the interpreter: numpy has no
+    # bfloat16, and the interpreter's tl.dot would multiply the raw uint16 bit patterns. bf16
+    # products are exact in fp32, so upcasting first gives what the tensor cores give.
+    if DOT == "upcast":
         a = a.to(tl.float32)
         b = b.to(tl.float32)
+    if DOT == "tf32":
+        return tl.dot(a, b, input_precision="tf32")
     return tl.dot(a, b, input_precision="ieee")
+
+
+def dot_mode(dtype: torch.dtype) -> str:
+    """The `DOT` constexpr of the attention kernels for inputs of `dtype`."""
+    if interpreting():
+        return "upcast" if dtype == torch.bfloat16 else "ieee"
+    return "tf32" if dtype == torch.float32 and tuning.tf32_allowed() else "ieee"
 
 
 @triton.jit
 def _fold(acc, m_i, l_i, s, v_blk, NATURAL: tl.constexpr, GUARD: tl.constexpr,
-          DOT_IN_FP32: tl.constexpr):
+          DOT: tl.constexpr):
     """One tile of scores s [BLOCK_M, BLOCK_N] and its values folded into the online-softmax
     state: m' = max(m, max s), α = exp(m - m'), l' = α l + Σ exp(s - m'),
     acc' = α acc + exp(s - m') v. GUARD: s may hold -inf (see the top)."""
@@ -83,7 +96,7 @@ def _fold(acc, m_i, l_i, s, v_blk, NATURAL: tl.constexpr, GUARD: tl.constexpr,
     alpha = _exp(m_i - base, NATURAL)
     l_i = l_i * alpha + tl.sum(p, axis=1)
     # P is rounded to V's dtype so the second product runs on the same tensor cores.
-    acc = acc * alpha[:, None] + _dot(p.to(v_blk.dtype), v_blk, DOT_IN_FP32)
+    acc = acc * alpha[:, None] + _dot(p.to(v_blk.dtype), v_blk, DOT)
     return acc, m_new, l_i
 
 
@@ -248,7 +261,7 @@ def _fold_tile(
     SOFTCAP: tl.constexpr, NUM_BIASES: tl.constexpr, HAS_ALIBI: tl.constexpr,
     HAS_MASK: tl.constexpr, BOOL_MASK: tl.constexpr, BOUND_LEFT: tl.constexpr,
     BOUND_RIGHT: tl.constexpr, NATURAL: tl.constexpr, PAGED: tl.constexpr,
-    QUANTIZED: tl.constexpr, BLOCK_SIZE: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+    QUANTIZED: tl.constexpr, BLOCK_SIZE: tl.constexpr, DOT: tl.constexpr,
     EDGE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """The keys [start, start + BLOCK_N) (those before hi) folded into the state."""
@@ -257,7 +270,7 @@ def _fold_tile(
     blk, row = _locate(cols, col_ok, table_row, stj, PAGED, BLOCK_SIZE, EDGE)
     k_blk = _load_kv_tile(k_ptr, k_scale, blk, row, skb, skn, skd, sksb, sksn,
                           tl.arange(0, BLOCK_D), col_ok, D, q.dtype, QUANTIZED, EDGE)
-    s = _modify(_dot(q, tl.trans(k_blk), DOT_IN_FP32) * qk_scale, cols, col_ok, row_ok, b, h,
+    s = _modify(_dot(q, tl.trans(k_blk), DOT) * qk_scale, cols, col_ok, row_ok, b, h,
                 q_pos, offset, softcap, biases, bias_strides, slopes, mask_rows, smn, left, right,
                 SOFTCAP, NUM_BIASES, HAS_ALIBI, HAS_MASK, BOOL_MASK, BOUND_LEFT, BOUND_RIGHT,
                 EDGE)
@@ -265,7 +278,7 @@ def _fold_tile(
                           tl.arange(0, BLOCK_DV), col_ok, Dv, q.dtype, QUANTIZED, EDGE)
     # Interior scores are finite unless a mask or bias brings -inf: only then the guard.
     return _fold(acc, m_i, l_i, s, v_blk, NATURAL, EDGE or HAS_MASK or NUM_BIASES > 0,
-                 DOT_IN_FP32)
+                 DOT)
 
 
 @triton.jit
@@ -277,7 +290,7 @@ def _attend(
     SOFTCAP: tl.constexpr, NUM_BIASES: tl.constexpr, HAS_ALIBI: tl.constexpr,
     HAS_MASK: tl.constexpr, BOOL_MASK: tl.constexpr, BOUND_LEFT: tl.constexpr,
     BOUND_RIGHT: tl.constexpr, NATURAL: tl.constexpr, PAGED: tl.constexpr,
-    QUANTIZED: tl.constexpr, BLOCK_SIZE: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+    QUANTIZED: tl.constexpr, BLOCK_SIZE: tl.constexpr, DOT: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """Fold keys [lo, hi) into the online-softmax state (acc, m_i, l_i) of a block of query rows:
@@ -297,7 +310,7 @@ def _attend(
             table_row, stj, mask_rows, smn, biases, bias_strides, slopes,
             offset, D, Dv, qk_scale, softcap, left, right,
             SOFTCAP, NUM_BIASES, HAS_ALIBI, HAS_MASK, BOOL_MASK, BOUND_LEFT, BOUND_RIGHT,
-            NATURAL, PAGED, QUANTIZED, BLOCK_SIZE, DOT_IN_FP32, False, BLOCK_N, BLOCK_D, BLOCK_DV)
+            NATURAL, PAGED, QUANTIZED, BLOCK_SIZE, DOT, False, BLOCK_N, BLOCK_D, BLOCK_DV)
     # The edge tiles: [lo, a) then [z, hi), as one loop.
     n_left = (a - lo + BLOCK_N - 1) // BLOCK_N
     for t in range(0, n_left + (hi - z + BLOCK_N - 1) // BLOCK_N):
@@ -308,5 +321,5 @@ def _attend(
             table_row, stj, mask_rows, smn, biases, bias_strides, slopes,
             offset, D, Dv, qk_scale, softcap, left, right,
             SOFTCAP, NUM_BIASES, HAS_ALIBI, HAS_MASK, BOOL_MASK, BOUND_LEFT, BOUND_RIGHT,
-            NATURAL, PAGED, QUANTIZED, BLOCK_SIZE, DOT_IN_FP32, True, BLOCK_N, BLOCK_D, BLOCK_DV)
+            NATURAL, PAGED, QUANTIZED, BLOCK_SIZE, DOT, True, BLOCK_N, BLOCK_D, BLOCK_DV)
     return acc, m_i, l_i

@@ -52,6 +52,7 @@ from attnopt.backends.triton.attention_tiles import (
     _locate,
     _modify,
     _store_partial,
+    dot_mode,
 )
 from attnopt.backends.triton.paged_attention import SPLIT_LEN, _paged_merge_kernel, partials
 
@@ -72,7 +73,7 @@ def _latent_tile(
     offset, R, P, qk_scale,
     HAS_MASK: tl.constexpr, BOOL_MASK: tl.constexpr, IS_CAUSAL: tl.constexpr,
     NATURAL: tl.constexpr, QUANTIZED: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    DOT_IN_FP32: tl.constexpr, EDGE: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT: tl.constexpr, EDGE: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     """The keys [start, start + BLOCK_N) (those before hi) folded into the state; EDGE as in
@@ -85,12 +86,12 @@ def _latent_tile(
                       tl.arange(0, BLOCK_R), col_ok, R, ql.dtype, QUANTIZED, EDGE)
     kr = _load_kv_tile(krot_pool, krot_scale, blk, row, skb, skn, skd, sskb, sskn,
                        tl.arange(0, BLOCK_P), col_ok, P, ql.dtype, QUANTIZED, EDGE)
-    s = (_dot(ql, tl.trans(c), DOT_IN_FP32) + _dot(qr, tl.trans(kr), DOT_IN_FP32)) * qk_scale
+    s = (_dot(ql, tl.trans(c), DOT) + _dot(qr, tl.trans(kr), DOT)) * qk_scale
     # The mask and the causal band (right edge 0); no variant (ql stands in for the pointers
     # of biases and slopes, never read).
     s = _modify(s, cols, col_ok, row_ok, 0, h, q_pos, offset, 0.0, ql, ql, ql, mask_rows, smn,
                 -1, 0, False, 0, False, HAS_MASK, BOOL_MASK, False, IS_CAUSAL, EDGE)
-    return _fold(acc, m_i, l_i, s, c, NATURAL, EDGE or HAS_MASK, DOT_IN_FP32)
+    return _fold(acc, m_i, l_i, s, c, NATURAL, EDGE or HAS_MASK, DOT)
 
 
 @triton.jit
@@ -102,7 +103,7 @@ def _latent_split_kernel(
     block_table, stb, stj, seq_lens, mask, smb, smh, smm, smn,
     H, Lq, R, P, num_splits, qk_scale,
     HAS_MASK: tl.constexpr, BOOL_MASK: tl.constexpr, IS_CAUSAL: tl.constexpr,
-    NATURAL: tl.constexpr, QUANTIZED: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+    NATURAL: tl.constexpr, QUANTIZED: tl.constexpr, DOT: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, SPLIT_LEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
@@ -140,14 +141,14 @@ def _latent_split_kernel(
                 ckv_pool, scb, scn, scd, krot_pool, skb, skn, skd,
                 ckv_scale, sscb, sscn, krot_scale, sskb, sskn, table_row, stj, mask_rows, smn,
                 offset, R, P, qk_scale, HAS_MASK, BOOL_MASK, IS_CAUSAL, NATURAL, QUANTIZED,
-                BLOCK_SIZE, DOT_IN_FP32, False, BLOCK_N, BLOCK_R, BLOCK_P)
+                BLOCK_SIZE, DOT, False, BLOCK_N, BLOCK_R, BLOCK_P)
         for start in range(z, hi, BLOCK_N):
             acc, m_i, l_i = _latent_tile(
                 acc, m_i, l_i, ql, qr, h, q_pos, row_ok, start, hi,
                 ckv_pool, scb, scn, scd, krot_pool, skb, skn, skd,
                 ckv_scale, sscb, sscn, krot_scale, sskb, sskn, table_row, stj, mask_rows, smn,
                 offset, R, P, qk_scale, HAS_MASK, BOOL_MASK, IS_CAUSAL, NATURAL, QUANTIZED,
-                BLOCK_SIZE, DOT_IN_FP32, True, BLOCK_N, BLOCK_R, BLOCK_P)
+                BLOCK_SIZE, DOT, True, BLOCK_N, BLOCK_R, BLOCK_P)
 
         # Partials [B, H, Lq, num_splits, (R)]: the layout `_paged_merge_kernel` reads.
         part = ((b * H + h) * Lq + q_pos) * num_splits + split
@@ -209,7 +210,7 @@ def paged_latent_attention(
         float(scale) * (1.0 if natural else LOG2E.value),
         HAS_MASK=mask is not None, BOOL_MASK=mask is not None and mask.dtype == torch.bool,
         IS_CAUSAL=bool(is_causal), NATURAL=natural, QUANTIZED=quantized,
-        DOT_IN_FP32=interpreting() and q_lat.dtype == torch.bfloat16,
+        DOT=dot_mode(q_lat.dtype),
         BLOCK_SIZE=ONE_BLOCK if block_table.shape[1] == 1 else block_size, SPLIT_LEN=chunk,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=block_r, BLOCK_P=triton.next_power_of_2(rope),
         num_warps=8 if block_r >= 256 else 4)

@@ -96,7 +96,7 @@ def _paged_split_kernel(
     SOFTCAP: tl.constexpr, NUM_BIASES: tl.constexpr, HAS_ALIBI: tl.constexpr,
     HAS_MASK: tl.constexpr, BOOL_MASK: tl.constexpr, BOUND_LEFT: tl.constexpr,
     BOUND_RIGHT: tl.constexpr, NATURAL: tl.constexpr, QUANTIZED: tl.constexpr,
-    DOT_IN_FP32: tl.constexpr, BLOCK_SIZE: tl.constexpr, SPLIT_LEN: tl.constexpr,
+    DOT: tl.constexpr, BLOCK_SIZE: tl.constexpr, SPLIT_LEN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """Phase 1: keys [split · SPLIT_LEN, (split + 1) · SPLIT_LEN) of one (batch, KV head)
@@ -135,7 +135,7 @@ def _paged_split_kernel(
             biases, bias_strides, slopes, tl.maximum(lo, first // BLOCK_N * BLOCK_N), hi,
             offset, offset, Lq - 1 + offset, D, Dv, qk_scale, softcap, left, right,
             SOFTCAP, NUM_BIASES, HAS_ALIBI, HAS_MASK, BOOL_MASK, BOUND_LEFT, BOUND_RIGHT,
-            NATURAL, True, QUANTIZED, BLOCK_SIZE, DOT_IN_FP32, BLOCK_N, BLOCK_D, BLOCK_DV,
+            NATURAL, True, QUANTIZED, BLOCK_SIZE, DOT, BLOCK_N, BLOCK_D, BLOCK_DV,
         )
         # Partials are [B, Hq, Lq, num_splits, (Dv)]: a row's chunks are adjacent for the
         # merge. A chunk in which a row sees no key stores o_s = 0 and l_s = 0.

@@ -110,16 +110,20 @@ def _mask(kind: str, b: int, lq: int, lk: int, dtype: torch.dtype):
 
 
 def _attention(model: str, dtype, mask: str, lq: int, lk: int, b: int = 1,
-               variant: str = "", layout: str = "blhd") -> Scenario:
+               variant: str = "", layout: str = "blhd", tf32: bool = False) -> Scenario:
+    """`tf32`: fp32 as when PyTorch's matmul precision allows TF32."""
     hq, hkv, d = ATTENTION_MODELS[model]
 
     def call():
         q = heads_view(b, lq, hq, d, dtype)
         k, v = heads_view(b, lk, hkv, d, dtype), heads_view(b, lk, hkv, d, dtype)
-        attention.attention(q, k, v, _mask(mask, b, lq, lk, dtype), mask == "causal",
-                            d ** -0.5, _variant(variant, b, hq, lq, lk, dtype), layout=layout)
+        with _fp32_precision(tf32):
+            attention.attention(q, k, v, _mask(mask, b, lq, lk, dtype), mask == "causal",
+                                d ** -0.5, _variant(variant, b, hq, lq, lk, dtype),
+                                layout=layout)
 
-    return Scenario(_name("attention", model, dtype, mask, variant, f"Lq={lq} Lk={lk}"), call)
+    return Scenario(_name("attention", model, dtype, "tf32" if tf32 else "", mask, variant,
+                          f"Lq={lq} Lk={lk}"), call)
 
 
 def attention_scenarios(full: bool) -> Iterator[Scenario]:
@@ -127,6 +131,9 @@ def attention_scenarios(full: bool) -> Iterator[Scenario]:
         for model, dtype, mask in itertools.product(ATTENTION_MODELS, (BF16, FP16, FP32), MASKS):
             yield _attention(model, dtype, mask, 2048, 2048)
             yield _attention(model, dtype, mask, 1, 4096)
+            if dtype == FP32:
+                yield _attention(model, dtype, mask, 2048, 2048, tf32=True)
+                yield _attention(model, dtype, mask, 1, 4096, tf32=True)
         for model, dtype, variant in itertools.product(ATTENTION_MODELS, (BF16, FP16, FP32),
                                                        VARIANTS[1:]):
             yield _attention(model, dtype, "causal", 2048, 2048, variant=variant)
@@ -142,6 +149,8 @@ def attention_scenarios(full: bool) -> Iterator[Scenario]:
     yield _attention("gpt2", FP16, "bool", 1024, 1024, variant="everything")  # head dim 64
     yield _attention("llama3-8b", BF16, "bool", 1, 4096)
     yield _attention("gemma2-9b", BF16, "causal", 1, 4096, variant="gemma2")
+    for lq, lk in ((2048, 2048), (1, 4096)):  # fp32 on TF32 tensor cores
+        yield _attention("llama3-8b", FP32, "additive", lq, lk, tf32=True)
 
 
 def _paged(model: str, dtype, int8: bool, mask: str, lq: int, tokens: int = 4096,
