@@ -50,8 +50,8 @@ def prompts(batch: int, length: int, pad: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask}
 
 
-def generate(model, inputs, cache=None) -> torch.Tensor:
-    return model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False,
+def generate(model, inputs, cache=None, new_tokens: int = NEW_TOKENS) -> torch.Tensor:
+    return model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False,
                           disable_compile=True, **with_cache(model, cache))
 
 

@@ -10,7 +10,8 @@ from torch._dynamo.utils import counters
 
 import attnopt
 from attnopt.cache import PagedKVCache
-from attnopt.compat import with_cache
+from tests import test_decode as decode
+from tests.test_decode import prompts
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.slow
@@ -40,17 +41,8 @@ def build(name: str, attn: str = "eager") -> torch.nn.Module:
         rope_interleave=True, rope_parameters=yarn, first_k_dense_replace=1, **common)).eval()
 
 
-def prompts(batch: int, length: int, pad: int) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(100 * batch + length)
-    ids = torch.randint(3, 128, (batch, length), generator=g)
-    mask = torch.ones_like(ids)
-    ids[-1, :pad], mask[-1, :pad] = 0, 0  # left padding on the last sequence
-    return {"input_ids": ids, "attention_mask": mask}
-
-
 def generate(model, inputs, cache=None) -> torch.Tensor:
-    return model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False,
-                          disable_compile=True, **with_cache(model, cache))
+    return decode.generate(model, inputs, cache, new_tokens=NEW_TOKENS)
 
 
 def compiled(model: torch.nn.Module, **options) -> torch.nn.Module:
